@@ -1,0 +1,3 @@
+from basisrot_pipeline.cli import main
+
+raise SystemExit(main())

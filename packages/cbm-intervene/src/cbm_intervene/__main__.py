@@ -1,0 +1,3 @@
+from cbm_intervene.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from recon_prune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from sam_overparam.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from shin_common.cli import main
+
+raise SystemExit(main())
