@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -33,6 +34,25 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config dataclass."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without sexagesimal integers, so an N:M pattern like ``2:4`` stays the string "2:4"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -46,14 +66,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _coerce(key, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
     if origin is typing.Literal:
         if value in args:
@@ -72,7 +91,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(items) != len(args):
                 raise ConfigError(f"{key}={value!r}: expected {len(args)} items for {_describe(tp)}")
-            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(items, args)))
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(items, args, strict=True)))
         item_type = args[0] if args else Any
         converted = [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(items)]
         container = origin or tp
@@ -152,7 +171,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -182,7 +201,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(file)!r} does not exist")
     text = file.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if file.suffix == ".json" else _yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {str(file)!r} is not valid {file.suffix[1:] or 'YAML'}: {exc}") from exc
     if data is None:

@@ -163,7 +163,11 @@ class TextCorpus:
                 raise ValueError(f"dataset splits {available}: expected at least 'train' and 'test'")
             splits = {}
             for split in SPLITS:
-                source = split if split in available else ("valid" if split == "validation" and "valid" in available else None)
+                source = (
+                    split
+                    if split in available
+                    else ("valid" if split == "validation" and "valid" in available else None)
+                )
                 rows = dataset[source] if source is not None else []
                 splits[split] = [Document(f"{split}:{i}", _text_of(row, text_field)) for i, row in enumerate(rows)]
             return cls(name, splits)

@@ -69,9 +69,7 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> dict[str, Any] |
     if cwd.is_file():
         cwd = cwd.parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
         status = subprocess.run(
@@ -105,7 +103,7 @@ def provenance(
             "cpu_count": os.cpu_count(),
         },
         "argv": list(sys.argv),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if extra:
         record.update(to_jsonable(dict(extra)))

@@ -1,0 +1,100 @@
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from shin_common import ConfigError, apply_overrides, config_to_dict, load_config, parse_overrides
+
+
+@dataclass(kw_only=True)
+class Optim:
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(kw_only=True)
+class Train:
+    epochs: int = 10
+    method: Literal["sgd", "sam"] = "sgd"
+    widths: list[int] = field(default_factory=lambda: [8, 16])
+    out: Path | None = None
+    verbose: bool = False
+    pattern: str = "unstructured"
+    optim: Optim = field(default_factory=Optim)
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+
+def test_defaults_file_and_overrides_layer_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nmethod: sam\npattern: 4:8\noptim:\n  lr: 0.5\n")
+    cfg = load_config(Train, path, ["optim.lr=1e-3", "widths=[4, 32]", "verbose=true", "out=runs/a", "pattern=2:4"])
+    assert cfg == Train(
+        epochs=3,
+        method="sam",
+        widths=[4, 32],
+        out=Path("runs/a"),
+        verbose=True,
+        pattern="2:4",
+        optim=Optim(lr=1e-3),
+    )
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 2, "optim": {"betas": [0.5, 0.6]}}))
+    assert load_config(Train, path).optim.betas == (0.5, 0.6)
+
+
+def test_round_trip_through_dict():
+    cfg = Train(epochs=4, out=Path("x"), optim=Optim(lr=0.2))
+    assert load_config(Train, defaults=config_to_dict(cfg)) == cfg
+    assert apply_overrides(cfg, ["epochs=5"]) == Train(epochs=5, out=Path("x"), optim=Optim(lr=0.2))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["epochs=ten"], r"epochs='ten': expected an integer"),
+        (["epochs=1.5"], r"epochs=1.5: expected an integer"),
+        (["method=adam"], r"method='adam': expected one of 'sgd', 'sam'"),
+        (["optim.lr=fast"], r"optim.lr='fast': expected a number"),
+        (["widths=[1, x]"], r"widths\[1\]='x': expected an integer"),
+        (["optim.betas=[0.9]"], r"optim.betas=\[0.9\]: expected 2 items"),
+        (["verbose=maybe"], r"verbose='maybe': expected a boolean"),
+        (["epoch=3"], r"unknown config key epoch; expected one of epochs, method"),
+        (["optim.momentum=0.9"], r"unknown config key optim.momentum"),
+        (["epochs=0"], r"epochs must be positive, got 0"),
+        (["epochs"], r"override 'epochs' is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_key_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Train, overrides=overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Train, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping, got list"):
+        load_config(Train, tmp_path / "list.yaml")
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="is not valid json"):
+        load_config(Train, tmp_path / "bad.json")
+
+
+def test_parse_overrides_nests_dotted_keys():
+    assert parse_overrides(["a.b=1", "a.c=x", "--d=[1,2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_n_m_patterns_stay_strings_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pattern: 4:8\n")
+    assert load_config(Train, path).pattern == "4:8"
+    assert load_config(Train, overrides=["pattern=2:4"]).pattern == "2:4"
+    assert parse_overrides(["x=1_000", "y=0x10", "z=1e-3"]) == {"x": 1000, "y": 16, "z": "1e-3"}
