@@ -1,0 +1,102 @@
+"""Start the asynchronous pipeline: one process per stage, by torchrun/accelerate or locally.
+
+Under ``torchrun --nproc-per-node P`` (or ``accelerate launch --num_processes P``) the usual
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set and :func:`run_from_environment` joins
+the group. :func:`run_local` spawns P processes on this machine over gloo on 127.0.0.1 (one
+thread each, as oversubscribed threads make small-matrix work 30-50x slower).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from basisrot_pipeline.runtime.pipeline import AsyncPipelineWorker, PipelineJob
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_rank(job: PipelineJob, rank: int, device: torch.device, result_dir: Path | None) -> dict[int, float]:
+    worker = AsyncPipelineWorker(job, rank, device)
+    if job.resume_step is not None:
+        worker.load_checkpoint(job.resume_step)
+    losses = worker.run()
+    dist.barrier()
+    if result_dir is not None and worker.is_last:
+        payload = {"losses": {str(m): v for m, v in sorted(losses.items())}, "next_backward": worker.next_backward}
+        (result_dir / "losses.json").write_text(json.dumps(payload))
+    return losses
+
+
+def _local_entry(rank: int, job: PipelineJob, port: int, result_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=job.num_stages,
+        timeout=timedelta(seconds=300),
+    )
+    try:
+        _run_rank(job, rank, torch.device("cpu"), Path(result_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(job: PipelineJob, result_dir: str | os.PathLike[str] | None = None) -> dict[int, float]:
+    """Spawn ``job.num_stages`` gloo processes here and return the per-minibatch losses of the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(result_dir) if result_dir is not None else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        previous = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            mp.start_processes(
+                _local_entry, args=(job, free_port(), str(out)), nprocs=job.num_stages, start_method="spawn"
+            )
+        finally:
+            if previous is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
+        payload = json.loads((out / "losses.json").read_text())
+    return {int(m): v for m, v in payload["losses"].items()}
+
+
+def run_from_environment(job: PipelineJob, result_dir: str | os.PathLike[str] | None = None) -> dict[int, float]:
+    """Join the process group set up by torchrun / accelerate launch (one process per stage)."""
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != job.num_stages:
+        raise ValueError(f"launched {world_size} processes for {job.num_stages} stages; they must be equal")
+    use_cuda = job.device == "cuda" and torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        out = Path(result_dir) if result_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        return _run_rank(job, dist.get_rank(), device, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ

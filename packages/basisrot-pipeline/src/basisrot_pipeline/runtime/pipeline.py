@@ -1,0 +1,240 @@
+"""One stage of a real asynchronous pipeline (PipeDream 1F1B without flushes) on torch.distributed.
+
+Narayanan et al., "PipeDream: Generalized Pipeline Parallelism for DNN Training", SOSP 2019,
+Section 3.3 (1F1B scheduling, weight stashing). Stage ``s`` of ``P`` does ``P-1-s`` warm-up
+forwards and then alternates one forward and one backward + optimizer step per minibatch, so its
+forward of minibatch ``m`` sees its weights after ``m - (P-1-s)`` updates (the staleness the
+emulator reproduces). The forward runs without autograd, stashes ``(input, weight version)`` and
+sends the activation; the backward recomputes the stage on the stashed input with the stashed
+weights (or the current ones without stashing), backpropagates the gradient received from the
+next stage, sends the input gradient back and steps. Stashed weights form a ring buffer of at
+most ``P - s`` versions.
+
+Message order: between stages ``s`` and ``s+1`` stage ``s`` posts (receive grad ``i``, send
+activation ``i+P-1-s``) per steady-state iteration and stage ``s+1`` posts (send grad ``i``,
+receive activation ``i+P-1-s``) in the same order, so the exchange is also valid where tags are
+ignored (NCCL). Tags distinguish activations from gradients on gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+
+from basisrot_pipeline.data import TokenBatches
+from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
+from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
+from basisrot_pipeline.staleness import staleness_schedule
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION, GRADIENT = 0, 1
+
+
+def message_tag(minibatch: int, kind: int) -> int:
+    return 2 * minibatch + kind
+
+
+def checkpoint_path(directory: str | Path, step: int, stage: int) -> Path:
+    return Path(directory) / f"step_{step:08d}" / f"stage_{stage}.pt"
+
+
+@dataclass(kw_only=True)
+class PipelineJob:
+    """Everything one pipeline process needs (picklable, identical on every rank)."""
+
+    model: ModelConfig
+    optim: OptimConfig
+    num_stages: int
+    steps: int
+    batches: TokenBatches
+    seed: int = 0
+    weight_stashing: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    stop_after: int | None = None
+    resume_step: int | None = None
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_stages > self.model.n_layer:
+            raise ValueError(
+                f"num_stages ({self.num_stages}) is larger than the number of layers ({self.model.n_layer})"
+            )
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
+        if (self.checkpoint_every or self.resume_step is not None) and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every / resume_step need a checkpoint_dir")
+
+
+class AsyncPipelineWorker:
+    """The stage of this rank, its optimizer, stashed weights and in-flight minibatches."""
+
+    def __init__(self, job: PipelineJob, rank: int, device: torch.device) -> None:
+        torch.manual_seed(job.seed)  # every rank builds the same full model, then keeps its stage
+        stages = partition_model(GPT(job.model), job.num_stages)
+        self.job, self.rank, self.device = job, rank, device
+        self.num_stages = job.num_stages
+        self.is_first, self.is_last = rank == 0, rank == job.num_stages - 1
+        self.stage = stages[rank].to(device)
+        self.delays = staleness_schedule("async-1f1b", job.num_stages)
+        self.warmup = self.delays[rank]
+        self.optimizer = build_optimizer(self.stage, job.optim, delays=self.delays, stage=rank)
+        self.activation_shape = (job.batches.batch_size, job.batches.block_size, job.model.n_embd)
+        self.version = 0
+        self.next_forward = 0
+        self.next_backward = 0
+        self.stash: dict[int, dict[str, torch.Tensor]] = {}
+        self.in_flight: dict[int, tuple[torch.Tensor, int]] = {}
+        self.pending_input: tuple[int, torch.Tensor] | None = None
+        self.losses: dict[int, float] = {}
+        self._sends: deque[tuple[Any, torch.Tensor]] = deque()
+
+    # -- communication -------------------------------------------------------------------------
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        tensor = tensor.contiguous()
+        self._sends.append((dist.isend(tensor, dst=dst, tag=tag), tensor))
+        while self._sends and self._sends[0][0].is_completed():
+            self._sends.popleft()
+
+    def _wait_sends(self) -> None:
+        while self._sends:
+            self._sends.popleft()[0].wait()
+
+    def _recv_activation(self, m: int) -> torch.Tensor:
+        buffer = torch.empty(self.activation_shape, device=self.device)
+        dist.recv(buffer, src=self.rank - 1, tag=message_tag(m, ACTIVATION))
+        return buffer
+
+    # -- compute -------------------------------------------------------------------------------
+    def _current_weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.stage.named_parameters())
+
+    def _targets(self, m: int) -> torch.Tensor:
+        return self.job.batches.batch(m)[1].to(self.device)
+
+    def forward(self, m: int) -> None:
+        if self.is_first:
+            x = self.job.batches.batch(m)[0].to(self.device)
+        elif self.pending_input is not None and self.pending_input[0] == m:
+            x, self.pending_input = self.pending_input[1], None
+        else:
+            x = self._recv_activation(m)
+        if self.job.weight_stashing and self.warmup > 0 and self.version not in self.stash:
+            self.stash[self.version] = {k: w.detach().clone() for k, w in self._current_weights().items()}
+        with torch.no_grad():
+            out = functional_call(self.stage, self._current_weights(), (x,))
+        if self.is_last:
+            self.losses[m] = float(lm_loss(out, self._targets(m)))
+        else:
+            self._send(out, self.rank + 1, message_tag(m, ACTIVATION))
+        self.in_flight[m] = (x, self.version)
+
+    def backward(self, m: int, grad_request: Any, grad_buffer: torch.Tensor | None) -> None:
+        x, version = self.in_flight.pop(m)
+        stashed = self.job.weight_stashing and version != self.version
+        weights = self.stash[version] if stashed else self._current_weights()
+        leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
+        x = x.detach().requires_grad_(not self.is_first)
+        with torch.enable_grad():
+            out = functional_call(self.stage, leaves, (x,))
+            wrt = list(leaves.values()) + ([] if self.is_first else [x])
+            if self.is_last:
+                result = torch.autograd.grad(lm_loss(out, self._targets(m)), wrt)
+            else:
+                grad_request.wait()
+                result = torch.autograd.grad(out, wrt, grad_outputs=grad_buffer)
+        if not self.is_first:
+            self._send(result[-1], self.rank - 1, message_tag(m, GRADIENT))
+        for p, g in zip(self.stage.parameters(), result[: len(leaves)], strict=True):
+            p.grad = g
+        optimizer_step(
+            self.stage,
+            self.optimizer,
+            self.job.optim,
+            step=m,
+            total_steps=self.job.steps,
+            delay=self.warmup,
+        )
+        self.version += 1
+        needed = {v for _, v in self.in_flight.values()}
+        for v in [v for v in self.stash if v not in needed]:
+            del self.stash[v]
+
+    # -- schedule ------------------------------------------------------------------------------
+    def run(self) -> dict[int, float]:
+        """Run 1F1B until every minibatch is done (or ``stop_after``); returns the last stage's losses."""
+        total, job = self.job.steps, self.job
+        while self.next_forward < min(self.next_backward + self.warmup, total):
+            self.forward(self.next_forward)
+            self.next_forward += 1
+        while self.next_backward < total:
+            grad_request, grad_buffer = None, None
+            if not self.is_last:  # post the receive first: same per-pair order as the next stage
+                grad_buffer = torch.empty(self.activation_shape, device=self.device)
+                tag = message_tag(self.next_backward, GRADIENT)
+                grad_request = dist.irecv(grad_buffer, src=self.rank + 1, tag=tag)
+            if self.next_forward < total:
+                self.forward(self.next_forward)
+                self.next_forward += 1
+            self.backward(self.next_backward, grad_request, grad_buffer)
+            self.next_backward += 1
+            done = self.next_backward
+            if done < total and job.checkpoint_every and done % job.checkpoint_every == 0:
+                self.save_checkpoint(done)
+            if job.stop_after is not None and done >= job.stop_after:
+                if not (job.checkpoint_every and done % job.checkpoint_every == 0):
+                    self.save_checkpoint(done)
+                break
+        self._wait_sends()
+        return self.losses
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Save after ``step`` backwards; first pull in the activation already sent to this stage."""
+        if not self.is_first and self.next_forward < self.job.steps and self.pending_input is None:
+            self.pending_input = (self.next_forward, self._recv_activation(self.next_forward))
+        self._wait_sends()  # nothing of ours is left on the wire
+        path = checkpoint_path(self.job.checkpoint_dir, step, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "stage": self.stage.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stash": self.stash,
+            "in_flight": self.in_flight,
+            "pending_input": self.pending_input,
+            "version": self.version,
+            "next_forward": self.next_forward,
+            "next_backward": self.next_backward,
+            "losses": self.losses,
+            "num_stages": self.num_stages,
+            "weight_stashing": self.job.weight_stashing,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        logger.info("stage %d: checkpoint after %d minibatches at %s", self.rank, step, path)
+        return path
+
+    def load_checkpoint(self, step: int) -> None:
+        path = checkpoint_path(self.job.checkpoint_dir, step, self.rank)
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["num_stages"] != self.num_stages:
+            raise ValueError(f"checkpoint {path} has {state['num_stages']} stages, this run {self.num_stages}")
+        self.stage.load_state_dict(state["stage"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stash = state["stash"]
+        self.in_flight = state["in_flight"]
+        self.pending_input = state["pending_input"]
+        self.version = state["version"]
+        self.next_forward = state["next_forward"]
+        self.next_backward = state["next_backward"]
+        self.losses = state["losses"]
