@@ -1,0 +1,345 @@
+"""Sharpness-aware minimization (SAM) as a ``torch.optim.Optimizer`` that wraps any base optimizer.
+
+SAM (Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+ICLR 2021, Algorithm 1) takes two passes per step::
+
+    g     = grad L_B(w)                              # clean pass
+    e     = rho * g / (||g||_2 + eps)                # ascent, norm over *all* parameters
+    g_sam = grad L_B(w + e)                          # perturbed pass
+    w     = base_step(w, g_sam [+ wd * w])           # descent from the *unperturbed* weights
+
+Variants, selected per parameter group:
+
+* ``adaptive=True`` -- ASAM (Kwon et al., ICML 2021, eq. 9 and their Algorithm 1):
+  ``T = |w| + adaptive_eta``, ``e = rho * T^2 g / ||T g||``. (Unlike davda54/sam, which uses
+  ``T = |w|``, the ``eta`` offset of the official ASAM is kept so zero weights still move.)
+* ``unnormalized=True`` -- USAM, ``e = rho * g`` (Andriushchenko & Flammarion, ICML 2022), the form
+  analysed by Shin et al. (arXiv 2311.17539, Sec. 5): linearised at a minimum it gives
+  ``e+ = (I - eta (H_B + rho H_B^2)) e``.
+
+Weight decay, following Shin et al.'s training details (and the authors' code), is applied
+*outside* the ascent by default: the descent gradient gets ``wd * w`` at the unperturbed
+weights and the ascent uses the plain loss gradient. ``weight_decay_in_ascent=True`` instead
+behaves as if ``wd/2 ||w||^2`` were part of the loss (google-research/sam): both passes see it,
+the second at ``w + e``.
+
+The unperturbed weights are restored by *copy*, not by subtracting ``e``, so ``rho = 0`` (and
+any rho in exact arithmetic) returns the base optimizer's update bit for bit.
+
+``m``-sharpness (Foret et al., Sec. 4.1) is available through :meth:`SAM.step_chunked`: each
+chunk of the batch gets its own perturbation and the perturbed gradients are averaged; in data
+parallel training each device's shard is such a chunk (the first pass must not synchronise
+gradients, see ``model=`` below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SAM", "frozen_batchnorm_stats"]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module | None) -> Iterator[None]:
+    """Within the block, BatchNorm layers in training mode normalise with batch statistics but
+    leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+
+    Setting ``momentum = 0`` (the davda54/sam recipe) still increments ``num_batches_tracked``
+    and breaks ``momentum=None`` (cumulative averaging); turning ``track_running_stats`` off for
+    the duration makes ``torch.nn.functional.batch_norm`` receive no running buffers at all.
+    """
+    if model is None:
+        yield
+        return
+    changed = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            changed.append(module)
+            module.track_running_stats = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            module.track_running_stats = True
+
+
+def _check_base_optimizer(base_optimizer: Any) -> None:
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"base_optimizer must be an optimizer class such as torch.optim.SGD, got the instance "
+            f"{type(base_optimizer).__name__}(...); pass the class and its keyword arguments to SAM"
+        )
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError(
+            f"base_optimizer must be a subclass of torch.optim.Optimizer (e.g. torch.optim.SGD), got {base_optimizer!r}"
+        )
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM / ASAM / USAM around any base optimizer.
+
+    Args:
+        params: parameters or parameter groups (groups may override ``rho``, ``adaptive`` ...).
+        base_optimizer: an optimizer *class*, e.g. ``torch.optim.SGD``; it is built on the same
+            parameter groups, so LR schedulers may wrap either SAM or the base optimizer.
+        rho: perturbation radius, >= 0. (Default: 0.05, Shin et al. / Foret et al.)
+        adaptive: ASAM scaling ``T = |w| + adaptive_eta``. (Default: False)
+        adaptive_eta: ASAM's offset. (Default: 0.01, Kwon et al.)
+        unnormalized: USAM, ``e = rho * g``. (Default: False)
+        eps: added to the gradient norm. (Default: 1e-12, as in the authors' code)
+        weight_decay: L2 coefficient handled by SAM (the base optimizer's own ``weight_decay`` is
+            also fine and is equivalent to ``weight_decay_in_ascent=False``). (Default: 0)
+        weight_decay_in_ascent: apply ``weight_decay`` in both passes as part of the loss instead
+            of once at the unperturbed weights. (Default: False)
+        max_grad_norm: clip the descent gradient (after unscaling, before the base step) to this
+            total norm. (Default: None)
+        model: the module being trained (possibly DDP-wrapped). When given, :meth:`step` runs the
+            first pass under ``model.no_sync()`` (each device perturbs with its own gradient, as
+            in the paper) and the second pass with BatchNorm running statistics frozen.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        unnormalized: bool = False,
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        weight_decay_in_ascent: bool = False,
+        max_grad_norm: float | None = None,
+        model: nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_base_optimizer(base_optimizer)
+        for name, value in (("rho", rho), ("adaptive_eta", adaptive_eta), ("eps", eps), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        defaults = dict(
+            rho=rho,
+            adaptive=adaptive,
+            adaptive_eta=adaptive_eta,
+            unnormalized=unnormalized,
+            sam_weight_decay=weight_decay,
+            weight_decay_in_ascent=weight_decay_in_ascent,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["rho"] < 0:
+                raise ValueError(f"rho must be >= 0, got {group['rho']!r} in a parameter group")
+        self.eps = eps
+        self.max_grad_norm = max_grad_norm
+        self.model = model
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of group dicts for both, so schedulers and clipping act on what the base uses.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._perturbed = False
+
+    # ----------------------------------------------------------------------------- two-step API
+    def _params(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield group, p
+
+    def _add_weight_decay(self) -> None:
+        for group, p in self._params():
+            if group["sam_weight_decay"]:
+                p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
+
+    @torch.no_grad()
+    def _grad_scale(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
+        return p.abs() + group["adaptive_eta"] if group["adaptive"] else None
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, grad_inv_scale: float = 1.0) -> float:
+        """Move to ``w + e`` using the current gradients; returns the ascent gradient norm.
+
+        ``grad_inv_scale`` multiplies the gradients first (``1 / scaler.get_scale()`` when the
+        clean pass was run with a ``torch.amp.GradScaler``).
+        """
+        if self._perturbed:
+            raise RuntimeError("first_step() called twice without second_step() in between")
+        grads: dict[torch.Tensor, torch.Tensor] = {}
+        for group, p in self._params():
+            g = p.grad * grad_inv_scale if grad_inv_scale != 1.0 else p.grad
+            if group["weight_decay_in_ascent"] and group["sam_weight_decay"]:
+                g = g.add(p, alpha=group["sam_weight_decay"])
+            grads[p] = g
+        norm_terms = []
+        for group, p in self._params():
+            scale = self._grad_scale(group, p)
+            scaled = grads[p] if scale is None else grads[p] * scale
+            norm_terms.append(
+                torch.linalg.vector_norm(scaled, 2, dtype=torch.promote_types(scaled.dtype, torch.float32))
+            )
+        grad_norm = torch.linalg.vector_norm(torch.stack(norm_terms), 2) if norm_terms else torch.zeros(())
+        for group, p in self._params():
+            self.state[p]["unperturbed"] = p.detach().clone()
+            scale = self._grad_scale(group, p)
+            e = grads[p] if scale is None else grads[p] * scale * scale
+            factor = group["rho"] if group["unnormalized"] else group["rho"] / (grad_norm + self.eps)
+            p.add_((e * factor).to(p.dtype))
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+        return float(grad_norm)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the unperturbed weights back (no optimizer step)."""
+        if not self._perturbed:
+            raise RuntimeError("second_step()/restore() called without a preceding first_step()")
+        for group, p in self._params():
+            if group["weight_decay_in_ascent"] and group["sam_weight_decay"]:
+                # the loss term wd/2 ||w||^2 differentiated at the perturbed point
+                p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
+        for group in self.param_groups:
+            for p in group["params"]:
+                saved = self.state[p].pop("unperturbed", None)
+                if saved is not None:
+                    p.copy_(saved)
+        self._perturbed = False
+
+    def _descent_gradient_ready(self) -> None:
+        for group, p in self._params():
+            if group["sam_weight_decay"] and not group["weight_decay_in_ascent"]:
+                p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._params()], self.max_grad_norm)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` and take the base optimizer's step with the gradient taken at ``w + e``."""
+        self.restore()
+        self._descent_gradient_ready()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    # ----------------------------------------------------------------------------- closure API
+    def _model_no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], torch.Tensor] | None = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> torch.Tensor:
+        """One SAM step. ``closure`` zeroes nothing, computes the loss on the batch, calls
+        ``backward`` (``grad_scaler.scale(loss).backward()`` when a scaler is used) and returns the
+        loss; it runs twice. Returns the clean-pass loss. With a scaler, call
+        ``grad_scaler.update()`` afterwards as usual; a non-finite clean gradient skips the step.
+        """
+        if closure is None:
+            raise ValueError(
+                "SAM.step() needs a closure that computes the loss and calls backward(); it is run "
+                "twice (at w and at w + e). Without one, call first_step() and second_step() yourself."
+            )
+        self.zero_grad()
+        with torch.enable_grad(), self._model_no_sync():
+            loss = closure()
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            return self._scaled_second_half(closure, loss, grad_scaler)
+        self.first_step(zero_grad=True)
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+            closure()
+        self.second_step()
+        return loss
+
+    def _scaled_second_half(
+        self, closure: Callable[[], torch.Tensor], loss: torch.Tensor, scaler: torch.amp.GradScaler
+    ) -> torch.Tensor:
+        # GradScaler.unscale_ may run once per optimizer per update, so the clean-pass gradients
+        # are unscaled by hand and the scaler only sees the descent gradients (of base_optimizer).
+        inv_scale = 1.0 / float(scaler.get_scale())
+        finite = all(bool(torch.isfinite(p.grad).all()) for _, p in self._params())
+        if not finite:
+            log.info("non-finite gradient in SAM's clean pass; skipping the step")
+            scaler.step(self.base_optimizer)  # records the inf so that update() lowers the scale
+            self.zero_grad()
+            return loss
+        self.first_step(zero_grad=True, grad_inv_scale=inv_scale)
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+            closure()
+        self.restore()
+        scaler.unscale_(self.base_optimizer)
+        self._descent_gradient_ready()
+        scaler.step(self.base_optimizer)
+        return loss
+
+    def step_chunked(
+        self, closure: Callable[[Any], torch.Tensor], chunks: Sequence[Any], weights: Sequence[float]
+    ) -> float:
+        """m-sharpness: one perturbation per chunk, one base step with the averaged gradient.
+
+        ``closure(chunk)`` computes the chunk's mean loss and calls backward; ``weights`` (usually
+        chunk size / batch size) combine the chunks' perturbed gradients
+        ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
+        Sec. 4.1). Returns the weighted clean loss.
+        """
+        if len(chunks) != len(weights) or not chunks:
+            raise ValueError(f"need one weight per chunk and at least one chunk, got {len(chunks)} and {len(weights)}")
+        total: dict[torch.Tensor, torch.Tensor] = {}
+        clean_loss = 0.0
+        for chunk, weight in zip(chunks, weights, strict=True):
+            self.zero_grad()
+            with torch.enable_grad():
+                clean_loss += weight * float(closure(chunk).detach())
+            self.first_step(zero_grad=True)
+            with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+                closure(chunk)
+            self.restore()
+            with torch.no_grad():
+                for _, p in self._params():
+                    if p in total:
+                        total[p].add_(p.grad, alpha=weight)
+                    else:
+                        total[p] = p.grad.mul(weight)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = total.get(p)
+        with torch.no_grad():
+            self._descent_gradient_ready()
+        self.base_optimizer.step()
+        return clean_loss
+
+    # ----------------------------------------------------------------------------- state
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict; its param groups carry SAM's settings too."""
+        if self._perturbed:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):
+            super().add_param_group(param_group)
+            return
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self.base_optimizer.add_param_group(param_group)

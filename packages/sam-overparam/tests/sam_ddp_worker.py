@@ -1,0 +1,68 @@
+"""Two-process gloo run of one SAM step through accelerate (launched by test_sam_ddp.py).
+
+Run as ``python sam_ddp_worker.py OUT_DIR PORT``; rank 0 writes the updated parameters to
+``OUT_DIR/ddp.pt``. Not collected by pytest (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+WORLD_SIZE = 2
+
+
+def build_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(16, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (16,), generator=generator)
+
+
+def worker(rank: int, out_dir: str, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from accelerate import Accelerator
+
+    from sam_overparam.optim import SAM
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == WORLD_SIZE, accelerator.state
+    model = build_model()
+    optimizer_model = accelerator.prepare(model)
+    opt = SAM(optimizer_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=optimizer_model)
+    opt = accelerator.prepare(opt)
+    x, y = global_batch()
+    shard = slice(rank * 8, (rank + 1) * 8)
+    for _ in range(2):
+
+        def closure():
+            loss = F.cross_entropy(optimizer_model(x[shard]), y[shard])
+            accelerator.backward(loss)
+            return loss
+
+        opt.step(closure)
+    if rank == 0:
+        state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(optimizer_model).state_dict().items()}
+        torch.save(state, os.path.join(out_dir, "ddp.pt"))
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD_SIZE, join=True)

@@ -1,0 +1,300 @@
+"""SAM optimizer: exactness against SGD and hand computations, BN, m-sharpness, state, AMP, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sam_overparam.optim import SAM, frozen_batchnorm_stats
+
+
+def _closure(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "base_kwargs", [dict(lr=0.1, momentum=0.9, weight_decay=5e-4), dict(lr=0.05, nesterov=True, momentum=0.9)]
+)
+def test_rho_zero_reproduces_sgd_bitwise(mlp_factory, batch_factory, base_kwargs):
+    sgd_model, sam_model = mlp_factory(), mlp_factory()
+    x, y = batch_factory()
+    sgd = torch.optim.SGD(sgd_model.parameters(), **base_kwargs)
+    sam = SAM(sam_model.parameters(), torch.optim.SGD, rho=0.0, **base_kwargs)
+    for step in range(5):
+        xb, yb = x[step : step + 8], y[step : step + 8]
+        sgd.zero_grad()
+        F.cross_entropy(sgd_model(xb), yb).backward()
+        sgd.step()
+        sam.step(_closure(sam_model, xb, yb))
+    for a, b in zip(sgd_model.parameters(), sam_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _least_squares_sam_by_hand(w, X, y, rho, lr, wd, eps=1e-12, adaptive=False, eta=0.01, unnormalized=False):
+    n = X.shape[0]
+
+    def grad(v):
+        return 2.0 / n * X.T @ (X @ v - y)
+
+    g = grad(w)
+    t = (w.abs() + eta) if adaptive else torch.ones_like(w)
+    if unnormalized:
+        e = rho * t * t * g
+    else:
+        e = rho * t * t * g / (torch.linalg.norm(t * g) + eps)
+    g_sam = grad(w + e) + wd * w
+    return w - lr * g_sam
+
+
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(adaptive=True), dict(unnormalized=True), dict(adaptive=True, unnormalized=True)]
+)
+def test_one_step_matches_hand_computation(variant):
+    torch.manual_seed(3)
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randn(10, dtype=torch.float64)
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    # weight decay through SAM (outside the ascent, at the unperturbed weights)
+    opt = SAM([w], torch.optim.SGD, rho=0.3, lr=0.1, weight_decay=0.01, **variant)
+
+    def closure():
+        loss = ((X @ w - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    expected = _least_squares_sam_by_hand(w0, X, y, 0.3, 0.1, 0.01, **variant)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_decay_in_ascent_matches_loss_term():
+    torch.manual_seed(4)
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randn(10, dtype=torch.float64)
+    w0 = torch.randn(4, dtype=torch.float64)
+    wd, rho, lr = 0.1, 0.2, 0.05
+    w = nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=rho, lr=lr, weight_decay=wd, weight_decay_in_ascent=True)
+
+    def closure():
+        loss = ((X @ w - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def grad(v):  # gradient of the regularised loss, as google-research/sam puts wd in the loss
+        return 2.0 / 10 * X.T @ (X @ v - y) + wd * v
+
+    g = grad(w0)
+    expected = w0 - lr * grad(w0 + rho * g / (g.norm() + 1e-12))
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_first_and_second_step_equal_closure_step(mlp_factory, batch_factory):
+    a, b = mlp_factory(), mlp_factory()
+    x, y = batch_factory()
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt_a.step(_closure(a, x, y))
+        F.cross_entropy(b(x), y).backward()
+        opt_b.first_step(zero_grad=True)
+        F.cross_entropy(b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_batchnorm_statistics_come_from_clean_pass_only(mlp_factory, batch_factory):
+    model = mlp_factory(batchnorm=True)
+    reference = copy.deepcopy(model)
+    x, y = batch_factory()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model)
+    opt.step(_closure(model, x, y))
+    reference(x)  # one clean forward in training mode
+    bn, ref_bn = model[1], reference[1]
+    assert torch.equal(bn.running_mean, ref_bn.running_mean)
+    assert torch.equal(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 1
+    # without freezing, the perturbed pass would have moved the statistics a second time
+    unfrozen = copy.deepcopy(reference)
+    unfrozen(x)
+    assert int(unfrozen[1].num_batches_tracked) == 2
+
+
+def test_frozen_batchnorm_context_restores_flags(mlp_factory, batch_factory):
+    model = mlp_factory(batchnorm=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with frozen_batchnorm_stats(model):
+        out = model(batch_factory()[0])
+    assert model[1].track_running_stats
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # batch statistics were still used for normalisation in training mode
+    assert torch.allclose(out.mean(), model(batch_factory()[0]).mean())
+
+
+def test_m_sharpness_chunks_equal_manual_per_chunk_computation(mlp_factory, batch_factory):
+    model = mlp_factory(torch.float64)
+    x, y = batch_factory(12, torch.float64)
+    rho, lr, m = 0.1, 0.2, 4
+    names = [n for n, _ in model.named_parameters()]
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_at(params, xb, yb):
+        return F.cross_entropy(torch.func.functional_call(model, params, (xb,)), yb)
+
+    total = {n: torch.zeros_like(p) for n, p in w0.items()}
+    for start in range(0, 12, m):
+        xb, yb = x[start : start + m], y[start : start + m]
+        g = torch.func.grad(loss_at)(w0, xb, yb)
+        norm = torch.sqrt(sum((g[n] ** 2).sum() for n in names))
+        perturbed = {n: w0[n] + rho * g[n] / (norm + 1e-12) for n in names}
+        g_sam = torch.func.grad(loss_at)(perturbed, xb, yb)
+        for n in names:
+            total[n] += g_sam[n] * (m / 12)
+    expected = {n: w0[n] - lr * total[n] for n in names}
+
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
+
+    def closure(chunk):
+        xb, yb = chunk
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    chunks = [(x[s : s + m], y[s : s + m]) for s in range(0, 12, m)]
+    opt.step_chunked(closure, chunks, [m / 12] * 3)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_round_trip_resumes_bitwise(mlp_factory, batch_factory, tmp_path):
+    x, y = batch_factory()
+    model = mlp_factory()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, adaptive=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        opt.step(_closure(model, x, y))
+        sched.step()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path)
+    for _ in range(3):
+        opt.step(_closure(model, x, y))
+        sched.step()
+
+    resumed = mlp_factory()
+    ropt = SAM(resumed.parameters(), torch.optim.SGD, rho=0.5, lr=1.0, momentum=0.9)
+    rsched = torch.optim.lr_scheduler.StepLR(ropt, step_size=2, gamma=0.5)
+    ckpt = torch.load(path)
+    resumed.load_state_dict(ckpt["model"])
+    ropt.load_state_dict(ckpt["opt"])
+    rsched.load_state_dict(ckpt["sched"])
+    assert ropt.param_groups[0]["rho"] == 0.05 and ropt.param_groups[0]["adaptive"] is True
+    assert ropt.param_groups is ropt.base_optimizer.param_groups
+    for _ in range(3):
+        ropt.step(_closure(resumed, x, y))
+        rsched.step()
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_on_sam_drives_base_optimizer(mlp_factory, batch_factory):
+    model = mlp_factory()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
+    x, y = batch_factory()
+    opt.step(_closure(model, x, y))
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_gradient_clipping_clips_descent_gradient():
+    torch.manual_seed(5)
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = 10 * torch.randn(10, dtype=torch.float64)
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=0.1, lr=1.0, max_grad_norm=0.5)
+
+    def closure():
+        loss = ((X @ w - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    moved = (w.detach() - w0).norm()
+    assert moved == pytest.approx(0.5, rel=1e-6)
+
+
+def test_grad_scaler_path_equals_unscaled(mlp_factory, batch_factory):
+    x, y = batch_factory()
+    plain, scaled = mlp_factory(), mlp_factory()
+    opt_plain = SAM(plain.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt_scaled = SAM(scaled.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def scaled_closure():
+        loss = F.cross_entropy(scaled(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    for _ in range(3):
+        opt_plain.step(_closure(plain, x, y))
+        opt_scaled.step(scaled_closure, grad_scaler=scaler)
+        scaler.update()
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_skips_step_on_overflow(mlp_factory, batch_factory):
+    x, y = batch_factory()
+    model = mlp_factory()
+    before = _params(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def overflowing_closure():
+        loss = F.cross_entropy(model(x), y) * float("inf")
+        scaler.scale(loss).backward()
+        return loss
+
+    opt.step(overflowing_closure, grad_scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_bad_inputs_raise_clear_errors(mlp_factory):
+    params = list(mlp_factory().parameters())
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -0.1"):
+        SAM(params, torch.optim.SGD, rho=-0.1, lr=0.1)
+    with pytest.raises(ValueError, match=r"rho must be >= 0"):
+        SAM([{"params": params, "rho": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match=r"subclass of torch.optim.Optimizer"):
+        SAM(params, "sgd", lr=0.1)
+    with pytest.raises(TypeError, match=r"pass the class"):
+        SAM(params, torch.optim.SGD(params, lr=0.1), lr=0.1)
+    opt = SAM(params, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"needs a closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"without a preceding first_step"):
+        opt.second_step()
+    with pytest.raises(ValueError, match=r"max_grad_norm"):
+        SAM(params, torch.optim.SGD, lr=0.1, max_grad_norm=0.0)
