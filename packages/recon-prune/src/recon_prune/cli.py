@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from shin_common import setup_logging
-
 from recon_prune import __version__
+from shin_common import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,393 @@
+"""Sequential pruning driver: one decoder block on the compute device at a time.
+
+For block ``i`` (Shin et al. 2024, Sec. 3 and Fig. 1):
+
+1. the dense block (a copy taken before pruning) maps the dense-path inputs to the next dense-path
+   activations, which are the GP targets and the reference for the per-depth error;
+2. mask statistics (Hessian for SparseGPT, input norms for Wanda) are collected on the sparse-path
+   inputs of the real calibration samples only;
+3. every linear layer is pruned (SparseGPT also applies its closed-form OBS update = LR), and the
+   masks are frozen;
+4. BR trains the block towards the dense block on the sparse inputs, GP towards the dense path; CR
+   trains the window of blocks ``i-1, i`` (stride 1) from the sparse inputs of block ``i-1``;
+5. the sparse-path activations advance, and the error ``MSE(sparse path, dense path)`` at this
+   depth is recorded.
+
+Both activation buffers live on ``offload_device``. With a checkpoint directory, each finished
+block, the buffers and the running report are written atomically, so a killed run continues at the
+next block and ends with the same model as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from recon_prune.calibration import CalibrationData, as_calibration
+from recon_prune.config import PruneConfig
+from recon_prune.evaluate import sparsity_report
+from recon_prune.masks import WandaStats, magnitude_mask, wanda_mask
+from recon_prune.model_adapter import (
+    BlockInputs,
+    capture_block_inputs,
+    find_decoder_blocks,
+    find_linears,
+    run_blocks,
+    to_native_layout,
+    weight_matrix,
+)
+from recon_prune.reconstruct import apply_mask, bake_masks, mse, train_blocks
+from recon_prune.sparsegpt import SparseGPT
+from shin_common import config_to_dict, progress, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PruneReport:
+    """Outcome of :func:`prune`. ``masks`` maps ``"<blocks path>.<i>.<linear>"`` to boolean masks
+    in the module's own weight layout (``True`` = kept)."""
+
+    config: dict[str, Any]
+    model_type: str
+    blocks_path: str
+    num_blocks: int
+    block_errors: list[float | None]
+    reconstruction: list[dict[str, float]] = field(default_factory=list)
+    sparsity: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    resumed_from_block: int | None = None
+
+    @property
+    def final_block_error(self) -> float | None:
+        return self.block_errors[-1] if self.block_errors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the masks (for results JSON)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masks"}
+        data["final_block_error"] = self.final_block_error
+        return data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_model_and_calibration(
+    model: nn.Module, data: CalibrationData, config: PruneConfig
+) -> tuple[str, nn.ModuleList]:
+    """All checks that must pass before any work is done."""
+    path, blocks = find_decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        linears = find_linears(block)
+        if config.nm is not None:
+            for name, module in linears.items():
+                cols = weight_matrix(module).shape[1]
+                if cols % config.nm[1]:
+                    raise ValueError(
+                        f"pattern {config.pattern}: {path}.{i}.{name} has {cols} input features, not divisible by M={config.nm[1]}"
+                    )
+    limit = max_positions(model)
+    if limit is not None and data.seq_len > limit:
+        raise ValueError(f"calibration sequence length {data.seq_len} exceeds the model's context of {limit} positions")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and int(data.all_ids().max()) >= vocab:
+        raise ValueError(
+            f"calibration token id {int(data.all_ids().max())} is outside the model's vocabulary of {vocab}"
+        )
+    return path, blocks
+
+
+def _forward(
+    blocks: list[nn.Module], inputs: BlockInputs, x: torch.Tensor, device: torch.device, batch: int
+) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch):
+            outs.append(run_blocks(blocks, inputs, x[start : start + batch].to(device, torch.float32)).to(x.device))
+    return torch.cat(outs)
+
+
+def _collect_stats(
+    block: nn.Module, method: str, inputs: BlockInputs, x: torch.Tensor, device: torch.device, batch: int
+) -> dict[str, Any]:
+    if method == "magnitude":
+        return {}
+    stats: dict[str, Any] = {}
+    handles = []
+    for name, module in find_linears(block).items():
+        cols = weight_matrix(module).shape[1]
+        stats[name] = SparseGPT(cols, device) if method == "sparsegpt" else WandaStats(cols, device)
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any, acc: Any = stats[name]) -> None:
+            acc.add_batch(args[0])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        _forward([block], inputs, x, device, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _prune_block(block: nn.Module, stats: dict[str, Any], config: PruneConfig, prefix: str) -> dict[str, torch.Tensor]:
+    masks = {}
+    for name, module in find_linears(block).items():
+        weight = weight_matrix(module).detach().float()
+        if config.method == "magnitude":
+            new_weight, mask = weight, magnitude_mask(weight, config.sparsity, config.nm)
+        elif config.method == "wanda":
+            new_weight, mask = weight, wanda_mask(weight, stats[name].feature_norms(), config.sparsity, config.nm)
+        else:
+            updated, mask = stats[name].prune(
+                weight,
+                config.sparsity,
+                nm=config.nm,
+                blocksize=config.blocksize,
+                percdamp=config.percdamp,
+                name=f"{prefix}.{name}",
+            )
+            new_weight = updated if config.uses_obs_update else weight
+        native_mask = to_native_layout(module, mask)
+        with torch.no_grad():
+            module.weight.copy_(to_native_layout(module, new_weight * mask))
+        apply_mask(module, native_mask)
+        masks[f"{prefix}.{name}"] = native_mask.cpu()
+    return masks
+
+
+def _baked_state(block: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with masked weights under their plain names (parametrized modules don't deepcopy)."""
+    state = {k: v.detach().cpu().clone() for k, v in block.state_dict().items()}
+    for name, module in block.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            prefix = f"{name}." if name else ""
+            state.pop(f"{prefix}parametrizations.weight.original")
+            state[f"{prefix}weight"] = module.weight.detach().cpu().clone()
+    return state
+
+
+class _Checkpoint:
+    """Atomic per-block checkpoint: block states, masks, activation buffers, running report."""
+
+    def __init__(self, directory: str | os.PathLike[str], fingerprint: str) -> None:
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+
+    def _save(self, name: str, obj: Any) -> None:
+        target = self.dir / name
+        tmp = target.with_name(f".{target.name}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, target)
+
+    def load(self) -> dict[str, Any] | None:
+        state_file = self.dir / "state.json"
+        if not state_file.is_file():
+            return None
+        state = read_json(state_file)
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model, calibration or "
+                "config); use a new directory or delete it"
+            )
+        state["buffers"] = torch.load(self.dir / f"buffers_{state['next_block']}.pt", weights_only=True)
+        state["block_states"] = {
+            int(p.stem.split("_")[1]): torch.load(p, weights_only=True) for p in sorted(self.dir.glob("block_*.pt"))
+        }
+        return state
+
+    def save(
+        self, next_block: int, block_states: dict[int, Any], buffers: dict[str, Any], report: dict[str, Any]
+    ) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for index, state in block_states.items():
+            self._save(f"block_{index:04d}.pt", state)
+        self._save(f"buffers_{next_block}.pt", buffers)
+        write_json_atomic(
+            self.dir / "state.json", {"fingerprint": self.fingerprint, "next_block": next_block, "report": report}
+        )
+        for old in self.dir.glob("buffers_*.pt"):
+            if old.name != f"buffers_{next_block}.pt":
+                old.unlink(missing_ok=True)
+
+
+def _fingerprint(model: nn.Module, data: CalibrationData, config: PruneConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    digest.update(type(model).__name__.encode())
+    digest.update(
+        json.dumps(getattr(getattr(model, "config", None), "to_dict", dict)(), sort_keys=True, default=str).encode()
+    )
+    digest.update(data.all_ids().numpy().tobytes())
+    digest.update(str(data.num_real).encode())
+    return digest.hexdigest()
+
+
+def prune(
+    model: nn.Module,
+    calibration: CalibrationData | torch.Tensor,
+    config: PruneConfig,
+    *,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    block_callback: Callable[[int, PruneReport], None] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, block by block, and return a :class:`PruneReport`.
+
+    Args:
+        model: a Hugging Face causal LM (any model whose decoder blocks can be found generically).
+        calibration: :class:`~recon_prune.calibration.CalibrationData` or a ``(n, seq_len)`` tensor of
+            token ids. Self-generated rows in ``CalibrationData.generated_ids`` join reconstruction only.
+        config: a :class:`~recon_prune.config.PruneConfig`.
+        checkpoint_dir: if given, progress is saved there after every block and a rerun with the
+            same arguments resumes at the next block.
+        block_callback: called as ``block_callback(i, report)`` after block ``i`` is finished (and
+            checkpointed).
+    """
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    data = as_calibration(calibration)
+    path, blocks = check_model_and_calibration(model, data, config)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    offload = torch.device(config.offload_device)
+    model.eval()
+    if config.dtype != "auto":
+        model.to(_DTYPES[config.dtype])
+    model_type = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+    hparams = config.hparams(model_type)
+    batch = hparams.batch_size
+    n_real = data.num_real
+    all_ids = data.all_ids()
+    report = PruneReport(
+        config=config_to_dict(config) | {"hparams": dataclasses.asdict(hparams)},
+        model_type=model_type,
+        blocks_path=path,
+        num_blocks=len(blocks),
+        block_errors=[None] * len(blocks),
+        calibration=data.describe(),
+    )
+    checkpoint = _Checkpoint(checkpoint_dir, _fingerprint(model, data, config)) if checkpoint_dir is not None else None
+    saved = checkpoint.load() if checkpoint is not None else None
+    model_dtype = next(blocks[0].parameters()).dtype
+
+    prev_block: nn.Module | None = None
+    prev_dense: nn.Module | None = None
+    prev_sparse_in: torch.Tensor | None = None
+    if saved is None:
+        start = 0
+        sparse_in, replay = capture_block_inputs(model, all_ids, device=device, offload_device=offload)
+        sparse_in = sparse_in.float()
+        dense_in = sparse_in.clone()
+    else:
+        start = saved["next_block"]
+        _, replay = capture_block_inputs(model, all_ids[:1], device=device, offload_device=offload)
+        for index, state in saved["block_states"].items():
+            if config.uses_cr and index == start - 1:  # the provisional block is kept in float32
+                blocks[index].to(torch.float32)
+            blocks[index].load_state_dict(state["weights"])
+            report.masks.update(state["masks"])
+        buffers = saved["buffers"]
+        sparse_in, dense_in = buffers["sparse_in"], buffers["dense_in"]
+        for key in ("block_errors", "reconstruction"):
+            setattr(report, key, saved["report"][key])
+        report.resumed_from_block = start
+        if config.uses_cr and start > 0:
+            prev_block = blocks[start - 1].to(device, torch.float32)
+            prev_dense = copy.deepcopy(prev_block)
+            prev_dense.load_state_dict(buffers["prev_dense_state"])
+            for name, module in find_linears(prev_block).items():
+                apply_mask(module, report.masks[f"{path}.{start - 1}.{name}"])
+            prev_sparse_in = buffers["prev_sparse_in"]
+        log.info("resuming from checkpoint %s at block %d", checkpoint_dir, start)
+    replay_dev = replay.to(device)
+
+    for i in progress(
+        range(start, len(blocks)), desc=f"pruning ({config.method}, {config.reconstruction})", total=len(blocks) - start
+    ):
+        block = blocks[i].to(device, torch.float32)
+        prefix = f"{path}.{i}"
+        dense_block = copy.deepcopy(block)
+        dense_out = _forward([dense_block], replay_dev, dense_in, device, batch)
+        stats = _collect_stats(block, config.method, replay_dev, sparse_in[:n_real], device, batch)
+        block_masks = _prune_block(block, stats, config, prefix)
+        report.masks.update(block_masks)
+        del stats
+        seed = config.seed * 1_000_003 + i
+        step_report: dict[str, float] = {"block": float(i)}
+        finished: dict[int, nn.Module] = {}
+        if config.uses_cr:
+            window = [prev_block, block] if prev_block is not None else [block]
+            window_in = prev_sparse_in if prev_block is not None else sparse_in
+            dense_window = [prev_dense, dense_block] if prev_dense is not None else [dense_block]
+            target = dense_out if config.uses_gp else _forward(dense_window, replay_dev, window_in, device, batch)
+            step_report |= train_blocks(window, replay_dev, window_in, target, hparams, device=device, seed=seed)
+            if prev_block is not None:
+                sparse_in = _forward([prev_block], replay_dev, prev_sparse_in, device, batch)
+                report.block_errors[i - 1] = mse(sparse_in[:n_real], dense_in[:n_real])
+                finished[i - 1] = prev_block
+        elif config.uses_block_training:
+            target = dense_out if config.uses_gp else _forward([dense_block], replay_dev, sparse_in, device, batch)
+            step_report |= train_blocks([block], replay_dev, sparse_in, target, hparams, device=device, seed=seed)
+        sparse_out = _forward([block], replay_dev, sparse_in, device, batch)
+        report.block_errors[i] = mse(sparse_out[:n_real], dense_out[:n_real])
+        report.reconstruction.append(step_report)
+        last = i == len(blocks) - 1
+        if not config.uses_cr or last:
+            finished[i] = block
+        block_states: dict[int, Any] = {}
+        for index, done in finished.items():
+            bake_masks(done)
+            done.to(offload, model_dtype)
+            block_states[index] = {
+                "weights": _baked_state(done),
+                "masks": {k: v for k, v in report.masks.items() if k.startswith(f"{path}.{index}.")},
+            }
+        buffers: dict[str, Any] = {"sparse_in": sparse_out, "dense_in": dense_out}
+        if config.uses_cr and not last:
+            block_states[i] = {"weights": _baked_state(block), "masks": block_masks}
+            buffers |= {"prev_sparse_in": sparse_in, "prev_dense_state": _baked_state(dense_block)}
+            prev_block, prev_dense, prev_sparse_in = block, dense_block, sparse_in
+        sparse_in, dense_in = sparse_out, dense_out
+        report.elapsed_s = time.perf_counter() - started
+        if checkpoint is not None:
+            checkpoint.save(
+                i + 1,
+                block_states,
+                buffers,
+                {"block_errors": report.block_errors, "reconstruction": report.reconstruction},
+            )
+        log.info("block %d/%d: error %.4g", i + 1, len(blocks), report.block_errors[i])
+        if block_callback is not None:
+            block_callback(i, report)
+    report.sparsity = sparsity_report(model)
+    report.elapsed_s = time.perf_counter() - started
+    return report

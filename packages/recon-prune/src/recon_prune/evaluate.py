@@ -1,0 +1,91 @@
+"""Evaluation: perplexity over non-overlapping chunks, sparsity report, optional zero-shot tasks.
+
+Perplexity follows the protocol of SparseGPT and Wanda (and Shin et al. 2024, Sec. 4): the held-out
+text is joined into one string (wikitext2 test with ``"\\n\\n"``, C4 validation: first 1100
+documents), tokenized once, cut into non-overlapping chunks of the model's context length (the
+ragged tail dropped), and ``exp`` of the token-weighted mean next-token NLL is reported. The
+sequence length, the joining rule and the chunk count are recorded with every number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor | list[int],
+    *,
+    seq_len: int,
+    max_chunks: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` over non-overlapping ``seq_len`` chunks of ``token_ids``."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    n_chunks = ids.numel() // seq_len
+    if n_chunks == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, shorter than one chunk of {seq_len}")
+    if max_chunks is not None:
+        n_chunks = min(n_chunks, max_chunks)
+    chunks = ids[: n_chunks * seq_len].view(n_chunks, seq_len)
+    device = device or next(model.parameters()).device
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, n_chunks, batch_size):
+        batch = chunks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "chunks": n_chunks, "seq_len": seq_len}
+
+
+def heldout_ids(source: str, tokenizer: Any) -> torch.Tensor:
+    """Token ids of the held-out text of ``source``: ``stdlib`` (test split), ``wikitext2``, ``c4``, or a file."""
+    from recon_prune.calibration import encode, source_text
+
+    return torch.tensor(encode(tokenizer, source_text(source, "test")), dtype=torch.long)
+
+
+def sparsity_report(model: nn.Module) -> dict[str, Any]:
+    """Fraction of exactly-zero weights in every prunable linear layer of the decoder blocks."""
+    from recon_prune.model_adapter import find_decoder_blocks, find_linears
+
+    path, blocks = find_decoder_blocks(model)
+    layers: dict[str, float] = {}
+    zeros = total = 0
+    for i, block in enumerate(blocks):
+        for name, module in find_linears(block).items():
+            weight = module.weight.detach()
+            layer_zeros = int((weight == 0).sum())
+            layers[f"{path}.{i}.{name}"] = layer_zeros / weight.numel()
+            zeros += layer_zeros
+            total += weight.numel()
+    return {"overall": zeros / total if total else 0.0, "zeros": zeros, "total": total, "layers": layers}
+
+
+def zero_shot(model: nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int = 8) -> dict[str, Any]:
+    """Zero-shot accuracy through lm-evaluation-harness (``pip install recon-prune[lm-eval]``; task data
+    comes from the Hugging Face Hub, so this needs network)."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:  # pragma: no cover - optional extra
+        raise ImportError(
+            "zero-shot evaluation needs lm-evaluation-harness: pip install 'recon-prune[lm-eval]'"
+        ) from exc
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=wrapped, tasks=tasks)
+    return results.get("results", {})
