@@ -1,0 +1,411 @@
+"""Hessian analysis from Hessian-vector products (no Hessian is ever formed).
+
+All routines act on a *matvec* ``v -> A v`` over flat vectors of the model's parameter count, so
+they apply equally to the full-data Hessian ``H``, a minibatch Hessian ``H_B``, powers of them and
+the SAM stability operator. :class:`HessianOperator` builds those matvecs from a model, a loss and
+a list of batches.
+
+References:
+
+* HVP by double back-propagation: Pearlmutter, "Fast exact multiplication by the Hessian",
+  Neural Computation 1994.
+* Lanczos with full reorthogonalisation: Golub & Van Loan, *Matrix Computations*, 4th ed., Alg.
+  10.1.1 and Sec. 10.3.1.
+* Hutchinson trace estimator ``tr(A) = E[z^T A z]`` with Rademacher ``z``: Hutchinson 1990;
+  applied to ``A = H^k`` for the moments ``tr(H^k)``.
+* Stochastic Lanczos quadrature for the spectral density: Ubaru, Chen & Saad, SIAM J. Matrix
+  Anal. Appl. 2017; Ghorbani, Krishnan & Xiao, ICML 2019 (the nodes are the Ritz values of the
+  Lanczos tridiagonal ``T``, the weights the squared first components of its eigenvectors).
+* Linear stability of stochastic (U)SAM and moment non-uniformity: Shin et al., "Critical
+  Influence of Overparameterization on Sharpness-aware Minimization", arXiv 2311.17539, Sec. 5:
+  linearised at an interpolating minimum, ``e+ = (I - eta J_B) e`` with
+  ``J_B = H_B + rho H_B^2``, and mean-square stability requires
+  ``lambda_max(E_B[(I - eta J_B)^2]) <= 1`` (``rho = 0`` gives SGD's condition, Wu, Ma & E,
+  NeurIPS 2018). Their bounds involve ``E_B[H_B^k]`` for ``k = 2..4``, which we compare with ``H^k``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sam_overparam.optim import frozen_batchnorm_stats
+
+log = logging.getLogger(__name__)
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+__all__ = [
+    "HessianOperator",
+    "SpectralDensity",
+    "hutchinson_trace",
+    "lanczos",
+    "linear_stability",
+    "moment_nonuniformity",
+    "power_iteration",
+    "spectral_density",
+    "top_eigenvalue_lanczos",
+    "trace_of_powers",
+]
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0])
+
+
+class HessianOperator:
+    """Hessian-vector products of ``loss_fn(model, batch)`` with respect to the trainable parameters.
+
+    ``batches`` are weighted by their size, so :meth:`matvec` is the Hessian of the mean loss over
+    all their examples and ``E_B`` in :meth:`expected_matvec` draws a batch with probability
+    proportional to its size (uniform for equal batches). Put the model in ``eval()`` mode if it
+    has dropout; BatchNorm running statistics are never modified.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> None:
+        if not batches:
+            raise ValueError("HessianOperator needs at least one batch")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.dim = sum(p.numel() for p in self.params)
+        sizes = torch.tensor([_batch_size(b) for b in self.batches], dtype=torch.float64)
+        self.weights = (sizes / sizes.sum()).tolist()
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in self.params]), self.params, strict=True)
+        ]
+
+    def batch_matvec(self, index: int, vector: torch.Tensor) -> torch.Tensor:
+        """``H_B v`` for batch ``index`` (Pearlmutter's double back-propagation)."""
+        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+            loss = self.loss_fn(self.model, self.batches[index])
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, self._split(vector), strict=True))
+            hv = torch.autograd.grad(dot, self.params)
+        return torch.cat([h.reshape(-1) for h in hv]).detach()
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """``H v`` for the full-data Hessian (size-weighted mean of the batch Hessians)."""
+        total = torch.zeros_like(vector)
+        for index, weight in enumerate(self.weights):
+            total.add_(self.batch_matvec(index, vector), alpha=weight)
+        return total
+
+    def batch_power_matvec(self, index: int, vector: torch.Tensor, power: int) -> torch.Tensor:
+        for _ in range(power):
+            vector = self.batch_matvec(index, vector)
+        return vector
+
+    def power_matvec(self, vector: torch.Tensor, power: int) -> torch.Tensor:
+        """``H^k v``."""
+        for _ in range(power):
+            vector = self.matvec(vector)
+        return vector
+
+    def expected_matvec(self, vector: torch.Tensor, power: int) -> torch.Tensor:
+        """``E_B[H_B^k] v``."""
+        total = torch.zeros_like(vector)
+        for index, weight in enumerate(self.weights):
+            total.add_(self.batch_power_matvec(index, vector, power), alpha=weight)
+        return total
+
+    def random_vector(self, generator: torch.Generator, kind: str = "gaussian") -> torch.Tensor:
+        if kind == "rademacher":
+            z = torch.randint(0, 2, (self.dim,), generator=generator, dtype=torch.int64) * 2 - 1
+            return z.to(self.dtype).to(self.device)
+        return torch.randn(self.dim, generator=generator, dtype=self.dtype).to(self.device)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def power_iteration(
+    matvec: Matvec, dim: int, *, iters: int = 100, tol: float = 1e-6, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[float, torch.Tensor]:
+    """Eigenvalue of largest *magnitude* and its unit eigenvector by power iteration.
+
+    Stops when the Rayleigh quotient changes by less than ``tol`` relative. For a Hessian with a
+    large negative eigenvalue this returns that one; use :func:`top_eigenvalue_lanczos` for the
+    largest algebraic eigenvalue. (Default: iters=100, tol=1e-6)
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    v = torch.randn(dim, generator=_generator(seed), dtype=dtype)
+    v /= v.norm()
+    eigenvalue = 0.0
+    for step in range(iters):
+        w = matvec(v)
+        new = float(torch.dot(v, w))
+        norm = w.norm()
+        if norm == 0:
+            return 0.0, v
+        v = w / norm
+        if step > 0 and abs(new - eigenvalue) <= tol * (abs(eigenvalue) + 1e-30):
+            eigenvalue = new
+            break
+        eigenvalue = new
+    return eigenvalue, v
+
+
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    steps: int,
+    *,
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` Lanczos iterations with full reorthogonalisation (Golub & Van Loan Alg. 10.1.1).
+
+    Returns ``(alphas, betas, Q)``: the diagonal and off-diagonal of the tridiagonal ``T`` and the
+    orthonormal basis (columns). Stops early, with a smaller ``T``, on an invariant subspace.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = min(steps, dim)
+    q = start.clone().to(dtype) if start is not None else torch.randn(dim, generator=_generator(seed), dtype=dtype)
+    q /= q.norm()
+    basis = [q]
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    for j in range(steps):
+        w = matvec(basis[j]).to(dtype)
+        alpha = torch.dot(w, basis[j])
+        alphas.append(alpha)
+        Q = torch.stack(basis, dim=1)
+        for _ in range(2):  # twice is enough (Kahan's "twice is enough")
+            w = w - Q @ (Q.T @ w)
+        if j == steps - 1:
+            break
+        beta = w.norm()
+        if beta <= 1e-10 * max(1.0, float(alpha.abs())):
+            log.debug("Lanczos found an invariant subspace after %d steps", j + 1)
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return (
+        torch.stack(alphas),
+        (torch.stack(betas) if betas else torch.zeros(0, dtype=dtype)),
+        torch.stack(basis, dim=1),
+    )
+
+
+def _tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    T = torch.diag(alphas)
+    if betas.numel():
+        T += torch.diag(betas, 1) + torch.diag(betas, -1)
+    return T
+
+
+def top_eigenvalue_lanczos(
+    matvec: Matvec, dim: int, *, steps: int = 30, k: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The ``k`` largest (algebraic) Ritz values after ``steps`` Lanczos iterations, descending."""
+    alphas, betas, _ = lanczos(matvec, dim, steps, seed=seed, dtype=dtype)
+    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas).double())
+    return ritz.flip(0)[:k].to(dtype)
+
+
+@dataclass(kw_only=True)
+class TraceEstimate:
+    """A Hutchinson estimate: mean of ``z^T A z`` over probes and its standard error."""
+
+    value: float
+    stderr: float
+    num_probes: int
+
+
+def _probes(dim: int, num_probes: int | None, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    if num_probes is None:  # exact: the standard basis (only for small models)
+        return list(torch.eye(dim, dtype=dtype))
+    generator = _generator(seed)
+    return [(torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype) for _ in range(num_probes)]
+
+
+def hutchinson_trace(
+    matvec: Matvec, dim: int, *, num_probes: int | None = 100, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TraceEstimate:
+    """Hutchinson's ``tr(A) ~ mean z^T A z`` with Rademacher probes.
+
+    ``num_probes=None`` uses the ``dim`` standard basis vectors and gives the exact trace.
+    Negative estimates are returned as they are (unlike PyHessian, which stops on them).
+    """
+    if num_probes is not None and num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1 or None, got {num_probes}")
+    samples = torch.stack([torch.dot(z, matvec(z).to(dtype)) for z in _probes(dim, num_probes, seed, dtype)])
+    if num_probes is None:
+        return TraceEstimate(value=float(samples.sum()), stderr=0.0, num_probes=dim)
+    stderr = float(samples.std() / math.sqrt(len(samples))) if len(samples) > 1 else float("nan")
+    return TraceEstimate(value=float(samples.mean()), stderr=stderr, num_probes=len(samples))
+
+
+def trace_of_powers(
+    operator: HessianOperator, powers: Sequence[int] = (1, 2, 3, 4), *, num_probes: int | None = 100, seed: int = 0
+) -> dict[int, TraceEstimate]:
+    """``tr(H^k)`` for each ``k`` (Hutchinson on ``H^k``, the same probes for every ``k``)."""
+    return {
+        k: hutchinson_trace(
+            lambda v, k=k: operator.power_matvec(v, k),
+            operator.dim,
+            num_probes=num_probes,
+            seed=seed,
+            dtype=operator.dtype,
+        )
+        for k in powers
+    }
+
+
+@dataclass(kw_only=True)
+class MomentNonUniformity:
+    """For one power ``k``: ``E_B[H_B^k]`` against ``H^k`` (Shin et al., Sec. 5 and their Fig. 6)."""
+
+    power: int
+    trace_expected: float  # tr(E_B[H_B^k])
+    trace_full: float  # tr(H^k)
+    top_expected: float  # lambda_max(E_B[H_B^k])
+    top_full: float  # lambda_max(H^k)
+
+    @property
+    def trace_ratio(self) -> float:
+        return self.trace_expected / self.trace_full
+
+    @property
+    def top_ratio(self) -> float:
+        return self.top_expected / self.top_full
+
+
+def moment_nonuniformity(
+    operator: HessianOperator,
+    powers: Sequence[int] = (2, 3, 4),
+    *,
+    num_probes: int | None = 50,
+    lanczos_steps: int = 30,
+    seed: int = 0,
+) -> list[MomentNonUniformity]:
+    """How far the per-batch moments ``E_B[H_B^k]`` exceed the full-batch ``H^k``.
+
+    Ratios near 1 mean uniform curvature across batches; the paper reports that SAM's minima are
+    more uniform than SGD's. Traces by Hutchinson (exact with ``num_probes=None``), top
+    eigenvalues by Lanczos.
+    """
+    results = []
+    for k in powers:
+        if k < 1:
+            raise ValueError(f"powers must be >= 1, got {k}")
+        expected = lambda v, k=k: operator.expected_matvec(v, k)  # noqa: E731
+        full = lambda v, k=k: operator.power_matvec(v, k)  # noqa: E731
+        kw = dict(num_probes=num_probes, seed=seed, dtype=operator.dtype)
+        results.append(
+            MomentNonUniformity(
+                power=k,
+                trace_expected=hutchinson_trace(expected, operator.dim, **kw).value,
+                trace_full=hutchinson_trace(full, operator.dim, **kw).value,
+                top_expected=float(
+                    top_eigenvalue_lanczos(
+                        expected, operator.dim, steps=lanczos_steps, seed=seed, dtype=operator.dtype
+                    )[0]
+                ),
+                top_full=float(
+                    top_eigenvalue_lanczos(full, operator.dim, steps=lanczos_steps, seed=seed, dtype=operator.dtype)[0]
+                ),
+            )
+        )
+    return results
+
+
+@dataclass(kw_only=True)
+class SpectralDensity:
+    """Gauss quadrature nodes and weights from stochastic Lanczos quadrature, one row per probe."""
+
+    nodes: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    dim: int
+
+    def evaluate(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The density smoothed by a Gaussian of width ``sigma`` on ``grid`` (integrates to ~1)."""
+        grid = grid.double()
+        density = torch.zeros_like(grid)
+        for nodes, weights in zip(self.nodes, self.weights, strict=True):
+            diff = grid[:, None] - nodes.double()[None, :]
+            kernel = torch.exp(-0.5 * (diff / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+            density += kernel @ weights.double()
+        return density / len(self.nodes)
+
+    def moment(self, power: int) -> float:
+        """``tr(H^k) ~ dim * mean_probes sum_i w_i theta_i^k`` (exact per probe when steps >= k/2+1)."""
+        values = [
+            float((w.double() * n.double() ** power).sum()) for n, w in zip(self.nodes, self.weights, strict=True)
+        ]
+        return self.dim * sum(values) / len(values)
+
+
+def spectral_density(
+    matvec: Matvec,
+    dim: int,
+    *,
+    num_probes: int = 4,
+    steps: int = 40,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature: ``num_probes`` Rademacher starts, ``steps`` Lanczos steps each."""
+    generator = _generator(seed)
+    nodes, weights = [], []
+    for _ in range(num_probes):
+        z = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype)
+        alphas, betas, _ = lanczos(matvec, dim, steps, start=z, dtype=dtype)
+        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas).double())
+        nodes.append(ritz.to(dtype))
+        weights.append((vectors[0] ** 2).to(dtype))
+    return SpectralDensity(nodes=nodes, weights=weights, dim=dim)
+
+
+def stability_matvec(operator: HessianOperator, lr: float, rho: float) -> Matvec:
+    """``v -> E_B[(I - lr J_B)^2] v`` with ``J_B = H_B + rho H_B^2`` (Shin et al., Sec. 5)."""
+
+    def one_factor(index: int, v: torch.Tensor) -> torch.Tensor:
+        hv = operator.batch_matvec(index, v)
+        jv = hv + rho * operator.batch_matvec(index, hv) if rho else hv
+        return v - lr * jv
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(v)
+        for index, weight in enumerate(operator.weights):
+            total.add_(one_factor(index, one_factor(index, v)), alpha=weight)
+        return total
+
+    return matvec
+
+
+def linear_stability(
+    operator: HessianOperator, *, lr: float, rho: float = 0.0, steps: int = 30, seed: int = 0
+) -> float:
+    """``lambda_max(E_B[(I - lr J_B)^2])``; a minimum is mean-square stable for (U)SAM when <= 1.
+
+    ``rho = 0`` gives SGD's condition. The operator is positive semi-definite (a mean of squares
+    of symmetric matrices), so the largest Ritz value of Lanczos is its spectral radius.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    return float(
+        top_eigenvalue_lanczos(
+            stability_matvec(operator, lr, rho), operator.dim, steps=steps, seed=seed, dtype=operator.dtype
+        )[0]
+    )
