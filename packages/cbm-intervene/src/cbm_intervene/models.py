@@ -1,0 +1,273 @@
+"""Concept bottleneck models and the four training strategies of Koh et al. (ICML 2020).
+
+A CBM predicts concepts ``c_hat = g(x)`` and the target ``y = f(c_hat)``. Strategies, as compared
+by Shin et al. (ICML 2023, Sec. 4.3):
+
+- IND: g and f trained independently; f on the *true* concepts, fed predicted probabilities at test.
+- SEQ: g first, then f on g's predicted (frozen) logits.
+- JNT: end to end with ``CE(f(logits), y) + lambda * sum_k BCE(logit_k, c_k)``.
+- JNT+P: joint, but f reads the sigmoid probabilities (a probability bottleneck).
+
+Each stage stops early on its validation loss and keeps the best weights; with ``checkpoint_dir``
+the best state of every stage is saved to disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cbm_intervene.data.core import ConceptDataset
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("IND", "SEQ", "JNT", "JNT+P")
+#: Which bottleneck each strategy feeds to f: probabilities or logits.
+BOTTLENECK_KIND = {"IND": "prob", "SEQ": "logit", "JNT": "logit", "JNT+P": "prob"}
+
+
+def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of the given sizes with ReLU between them (none after the last)."""
+    if len(sizes) < 2 or any(s <= 0 for s in sizes):
+        raise ValueError(f"mlp needs at least two positive layer sizes, got {list(sizes)}")
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+@dataclass(kw_only=True)
+class TargetModelSpec:
+    """Architecture of the concept-to-target model f: linear (``hidden=()``, default) or an MLP."""
+
+    n_concepts: int
+    n_classes: int
+    hidden: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.n_concepts <= 0 or self.n_classes <= 1:
+            raise ValueError(
+                f"target model needs n_concepts >= 1 and n_classes >= 2, got {self.n_concepts}, {self.n_classes}"
+            )
+
+    def build(self) -> nn.Module:
+        return mlp([self.n_concepts, *self.hidden, self.n_classes])
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Training of a CBM on a :class:`ConceptDataset` with features."""
+
+    strategy: str = "IND"
+    concept_hidden: tuple[int, ...] = (100, 100)
+    target_hidden: tuple[int, ...] = ()
+    concept_loss_weight: float = 1.0  # lambda of the joint objective (JNT, JNT+P)
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown training strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
+        self.concept_hidden = tuple(int(h) for h in self.concept_hidden)
+        self.target_hidden = tuple(int(h) for h in self.target_hidden)
+        for name in ("learning_rate", "batch_size", "max_epochs", "patience"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.concept_loss_weight < 0 or self.weight_decay < 0:
+            raise ValueError("concept_loss_weight and weight_decay must be non-negative")
+
+
+class ConceptBottleneckModel(nn.Module):
+    """``x -> concept logits (g) -> bottleneck (logits or sigmoid) -> class logits (f)``."""
+
+    def __init__(self, concept_model: nn.Module, target_model: nn.Module, kind: str) -> None:
+        super().__init__()
+        if kind not in ("prob", "logit"):
+            raise ValueError(f"bottleneck kind must be 'prob' or 'logit', got {kind!r}")
+        self.concept_model = concept_model
+        self.target_model = target_model
+        self.kind = kind
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.concept_model(x)
+        return torch.sigmoid(logits) if self.kind == "prob" else logits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(concept_logits, class_logits)``."""
+        logits = self.concept_model(x)
+        values = torch.sigmoid(logits) if self.kind == "prob" else logits
+        return logits, self.target_model(values)
+
+
+@dataclass
+class TrainedCBM:
+    model: ConceptBottleneckModel
+    config: TrainConfig
+    target_spec: TargetModelSpec
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def bottleneck(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return self.model.bottleneck(torch.as_tensor(features, dtype=torch.float32))
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def fit(
+    module: nn.Module,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    val_loss_fn: Callable[[], float],
+    n_train: int,
+    config: TrainConfig,
+    *,
+    name: str,
+    checkpoint_dir: str | Path | None = None,
+) -> list[float]:
+    """Adam on mini-batches of ``range(n_train)``; stop after ``patience`` epochs without a better
+    validation loss and restore the best weights. Returns the validation losses per epoch."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    best, best_state, since_best, history = float("inf"), copy.deepcopy(module.state_dict()), 0, []
+    for epoch in range(config.max_epochs):
+        module.train()
+        for index in _batches(n_train, config.batch_size, generator):
+            optimizer.zero_grad()
+            loss_fn(index).backward()
+            optimizer.step()
+        module.eval()
+        with torch.no_grad():
+            val = float(val_loss_fn())
+        history.append(val)
+        if val < best - 1e-6:
+            best, best_state, since_best = val, copy.deepcopy(module.state_dict()), 0
+            if checkpoint_dir is not None:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"state_dict": best_state, "epoch": epoch, "val_loss": val}, Path(checkpoint_dir) / f"{name}.pt"
+                )
+        else:
+            since_best += 1
+            if since_best >= config.patience:
+                break
+    module.load_state_dict(best_state)
+    log.info("%s: %d epochs, best validation loss %.4f", name, len(history), best)
+    return history
+
+
+def train_cbm(data: ConceptDataset, config: TrainConfig, *, checkpoint_dir: str | Path | None = None) -> TrainedCBM:
+    """Train g and f on ``data`` (which needs features and train/val splits) with ``config.strategy``."""
+    if data.features is None:
+        raise ValueError("train_cbm needs a data set with features; for image data sets plug in predictions instead")
+    for split in ("train", "val"):
+        if split not in data.splits or not len(data.splits[split]):
+            raise ValueError(f"train_cbm needs a non-empty {split!r} split")
+    torch.manual_seed(config.seed)
+    train, val = data.split("train"), data.split("val")
+    x_tr, c_tr, y_tr = (torch.as_tensor(train[k]) for k in ("features", "concepts", "labels"))
+    x_va, c_va, y_va = (torch.as_tensor(val[k]) for k in ("features", "concepts", "labels"))
+    g = mlp([data.features.shape[1], *config.concept_hidden, data.n_concepts])
+    spec = TargetModelSpec(n_concepts=data.n_concepts, n_classes=data.n_classes, hidden=config.target_hidden)
+    f = spec.build()
+    kind = BOTTLENECK_KIND[config.strategy]
+    model = ConceptBottleneckModel(g, f, kind)
+    history: dict[str, list[float]] = {}
+    ckpt = checkpoint_dir
+
+    if config.strategy in ("IND", "SEQ"):
+        history["concept"] = fit(
+            g,
+            lambda i: F.binary_cross_entropy_with_logits(g(x_tr[i]), c_tr[i]),
+            lambda: F.binary_cross_entropy_with_logits(g(x_va), c_va).item(),
+            len(y_tr),
+            config,
+            name="concept_model",
+            checkpoint_dir=ckpt,
+        )
+        g.eval()
+        if config.strategy == "IND":
+            inputs_tr, inputs_va = c_tr, c_va  # f learns from the true concepts
+        else:
+            with torch.no_grad():
+                inputs_tr, inputs_va = g(x_tr), g(x_va)  # f learns from g's frozen logits
+        history["target"] = fit(
+            f,
+            lambda i: F.cross_entropy(f(inputs_tr[i]), y_tr[i]),
+            lambda: F.cross_entropy(f(inputs_va), y_va).item(),
+            len(y_tr),
+            config,
+            name="target_model",
+            checkpoint_dir=ckpt,
+        )
+    else:
+        lam = config.concept_loss_weight
+
+        def joint_loss(x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits, out = model(x)
+            # sum over concepts, mean over samples (Koh et al.'s lambda * sum_k L_Ck)
+            concept_loss = F.binary_cross_entropy_with_logits(logits, c, reduction="none").sum(1).mean()
+            return F.cross_entropy(out, y) + lam * concept_loss
+
+        history["joint"] = fit(
+            model,
+            lambda i: joint_loss(x_tr[i], c_tr[i], y_tr[i]),
+            lambda: joint_loss(x_va, c_va, y_va).item(),
+            len(y_tr),
+            config,
+            name="joint_model",
+            checkpoint_dir=ckpt,
+        )
+    model.eval()
+    trained = TrainedCBM(model=model, config=config, target_spec=spec, history=history)
+    if checkpoint_dir is not None:
+        save_cbm(trained, Path(checkpoint_dir) / "cbm.pt")
+    return trained
+
+
+def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    concept_sizes = [m.in_features for m in trained.model.concept_model if isinstance(m, nn.Linear)]
+    concept_sizes.append(trained.target_spec.n_concepts)
+    torch.save(
+        {
+            "config": asdict(trained.config),
+            "target_spec": asdict(trained.target_spec),
+            "concept_sizes": concept_sizes,
+            "kind": trained.model.kind,
+            "state_dict": trained.model.state_dict(),
+            "history": trained.history,
+        },
+        path,
+    )
+    return path
+
+
+def load_cbm(path: str | Path) -> TrainedCBM:
+    blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    spec = TargetModelSpec(**blob["target_spec"])
+    model = ConceptBottleneckModel(mlp(blob["concept_sizes"]), spec.build(), blob["kind"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return TrainedCBM(model=model, config=TrainConfig(**blob["config"]), target_spec=spec, history=blob["history"])
