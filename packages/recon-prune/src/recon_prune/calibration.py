@@ -270,7 +270,7 @@ def generate_self_calibration(
     vocab = int(model.config.vocab_size)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     byte_vocab = tokenizer is None
-    candidates = [t for t in range(256 if byte_vocab else vocab) if t not in special]
+    candidates = [t for t in range(min(256, vocab) if byte_vocab else vocab) if t not in special]
     generator = torch.Generator().manual_seed(seed)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:

@@ -1,19 +1,292 @@
-"""``recon-prune`` command line (also ``python -m recon_prune``)."""
+"""``recon-prune`` command line (also ``python -m recon_prune``).
+
+    recon-prune prune --model stdlib-tiny --method sparsegpt --sparsity 0.5 --reconstruction br+gp --output-dir out/
+    recon-prune eval --model out/model --dataset stdlib
+    recon-prune generate-calibration --model stdlib-tiny --count 16 --seq-len 256 --output gen.jsonl
+    recon-prune demo --output-dir out/demo
+
+``--model`` takes ``stdlib-tiny`` (the embedded model, pretrained and cached on first use), a local
+directory or a Hugging Face Hub name. Config values can also come from ``--config FILE.yaml`` and
+``--set key=value`` (fields of :class:`recon_prune.config.PruneConfig`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import logging
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from recon_prune import __version__
-from shin_common import setup_logging
+from recon_prune.config import METHODS, PRESETS, RECONSTRUCTIONS, PruneConfig
+from shin_common import ConfigError, load_config, setup_logging, write_run_record
+
+log = logging.getLogger(__name__)
+
+DEMO_RECONSTRUCTIONS = ("none", "lr", "br", "br+gp", "br+gp+cr")
+
+
+def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name (default: stdlib-tiny)"
+    )
+    parser.add_argument("--config", type=Path, help="YAML/JSON file with PruneConfig fields")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a PruneConfig field"
+    )
+    parser.add_argument("--method", choices=None, help=f"one of {', '.join(METHODS)} (default: sparsegpt)")
+    parser.add_argument("--sparsity", type=float, help="fraction of weights pruned, in [0, 1) (default: 0.5)")
+    parser.add_argument("--pattern", help="'unstructured' or N:M such as 2:4 (default: unstructured)")
+    parser.add_argument("--reconstruction", help=f"one of {', '.join(RECONSTRUCTIONS)}, or 'cr' (default: br+gp)")
+    parser.add_argument("--preset", help=f"reconstruction preset, one of {', '.join(PRESETS)} (default: cpu)")
+    parser.add_argument("--nsamples", type=int, help="real calibration samples (default: from the preset)")
+    parser.add_argument("--seq-len", type=int, help="calibration sequence length in tokens (default: from the preset)")
+    parser.add_argument("--epochs", type=int, help="reconstruction epochs (default: from the preset)")
+    parser.add_argument("--seed", type=int, help="seed (default: 0)")
+    parser.add_argument("--device", help="compute device: auto, cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument(
+        "--calibration",
+        default="stdlib",
+        help="source or mixture by count: stdlib, wikitext2, c4, file:PATH, self; e.g. 'stdlib:48,self:16' (default: stdlib)",
+    )
+    parser.add_argument(
+        "--self-generated", type=int, default=0, help="extra self-generated samples for reconstruction (default: 0)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recon-prune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="recon-prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    prune = sub.add_parser("prune", help="prune a causal LM and save it with masks and a results JSON")
+    _add_prune_options(prune)
+    prune.add_argument("--output-dir", type=Path, required=True, help="where the pruned model and results go")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    prune.add_argument("--checkpoint-dir", type=Path, help="resume a killed run from here (per-block checkpoints)")
+    prune.add_argument(
+        "--eval", default="stdlib", help="held-out text for perplexity: stdlib, wikitext2, c4, file:PATH or none"
+    )
+    prune.add_argument("--eval-chunks", type=int, default=64, help="max chunks for perplexity (default: 64)")
+
+    ev = sub.add_parser("eval", help="perplexity (and optional zero-shot tasks) of a model")
+    ev.add_argument("--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name")
+    ev.add_argument(
+        "--dataset", default="stdlib", help="stdlib (test split), wikitext2, c4, or file:PATH (default: stdlib)"
+    )
+    ev.add_argument("--seq-len", type=int, help="chunk length (default: the model's context)")
+    ev.add_argument("--max-chunks", type=int, help="evaluate at most this many chunks")
+    ev.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs the lm-eval extra and network)")
+    ev.add_argument("--output", type=Path, help="write the results JSON here")
+
+    gen = sub.add_parser("generate-calibration", help="self-generate calibration text with a dense model (JSONL)")
+    gen.add_argument("--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name")
+    gen.add_argument("--output", type=Path, required=True, help="JSONL file to write (one {'text': ...} per line)")
+    gen.add_argument("--count", type=int, default=16, help="number of sequences (default: 16)")
+    gen.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    gen.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    demo = sub.add_parser(
+        "demo", help="prune stdlib-tiny to 50%% with SparseGPT and Wanda under none/LR/BR/BR+GP/BR+GP+CR"
+    )
+    demo.add_argument("--output-dir", type=Path, required=True, help="where the table, results JSON and plot go")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    demo.add_argument("--model", default="stdlib-tiny", help=argparse.SUPPRESS)
+    demo.add_argument("--nsamples", type=int, default=32, help="calibration samples (default: 32)")
+    demo.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default: 256)")
+    demo.add_argument("--eval-chunks", type=int, default=64, help="held-out chunks of 256 bytes (default: 64)")
     return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+    flags = {
+        "method": args.method,
+        "sparsity": args.sparsity,
+        "pattern": args.pattern,
+        "reconstruction": args.reconstruction,
+        "preset": args.preset,
+        "nsamples": args.nsamples,
+        "seq_len": args.seq_len,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    return load_config(PruneConfig, args.config, overrides)
+
+
+def _load(model_name: str) -> tuple[Any, Any]:
+    from recon_prune.tiny_model import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_name)
+
+
+def _heldout_ppl(model: Any, tokenizer: Any, source: str, seq_len: int, max_chunks: int | None) -> dict[str, Any]:
+    from recon_prune.evaluate import heldout_ids, perplexity
+
+    result = perplexity(model, heldout_ids(source, tokenizer), seq_len=seq_len, max_chunks=max_chunks)
+    result["dataset"] = source
+    return result
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from recon_prune.calibration import build_calibration
+    from recon_prune.driver import max_positions, prune
+    from recon_prune.outputs import check_output_dir, commit_dir, save_pruned, staging_dir
+
+    target = check_output_dir(args.output_dir, args.overwrite)
+    config = _config_from_args(args)
+    model, tokenizer = _load(args.model)
+    seq_len = config.resolved_seq_len()
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} positions")
+    calibration = build_calibration(
+        args.calibration,
+        tokenizer=tokenizer,
+        nsamples=config.resolved_nsamples(),
+        seq_len=seq_len,
+        seed=config.seed,
+        model=model,
+        generated=args.self_generated,
+    )
+    metrics: dict[str, Any] = {}
+    eval_len = min(limit or seq_len, 1024 if limit is None else limit)
+    if args.eval != "none":
+        metrics["dense"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, args.eval_chunks)
+        print(f"dense perplexity ({args.eval}): {metrics['dense']['perplexity']:.3f}")
+    report = prune(model, calibration, config, checkpoint_dir=args.checkpoint_dir)
+    if args.eval != "none":
+        metrics["pruned"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, args.eval_chunks)
+        print(f"pruned perplexity ({args.eval}): {metrics['pruned']['perplexity']:.3f}")
+    metrics["final_block_error"] = report.final_block_error
+    metrics["sparsity"] = report.sparsity["overall"]
+    staging = staging_dir(target)
+    save_pruned(staging, model, tokenizer, report, metrics=metrics, config=config, seed=config.seed)
+    commit_dir(staging, target)
+    print(
+        f"sparsity {report.sparsity['overall']:.4f}; final-block error {report.final_block_error:.4g}; saved to {target}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from recon_prune.driver import max_positions
+    from recon_prune.evaluate import sparsity_report, zero_shot
+
+    model, tokenizer = _load(args.model)
+    seq_len = args.seq_len or max_positions(model) or 1024
+    result: dict[str, Any] = {"perplexity": _heldout_ppl(model, tokenizer, args.dataset, seq_len, args.max_chunks)}
+    result["sparsity"] = sparsity_report(model)["overall"]
+    if args.tasks:
+        result["zero_shot"] = zero_shot(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()])
+    print(
+        f"{args.model}: perplexity {result['perplexity']['perplexity']:.4f} on {args.dataset} "
+        f"({result['perplexity']['chunks']} chunks of {seq_len}); sparsity {result['sparsity']:.4f}"
+    )
+    if args.output is not None:
+        write_run_record(args.output, config=vars(args), metrics=result)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from recon_prune.calibration import decode, generate_self_calibration
+
+    if args.output.exists() and not args.overwrite:
+        raise ValueError(f"output file {str(args.output)!r} exists; pass --overwrite to replace it")
+    if args.count < 1 or args.seq_len < 6:
+        raise ValueError(f"need --count >= 1 and --seq-len >= 6, got {args.count} and {args.seq_len}")
+    model, tokenizer = _load(args.model)
+    ids = generate_self_calibration(model, tokenizer, args.count, args.seq_len, seed=args.seed)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in ids.tolist():
+            handle.write(json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n")
+    tmp.replace(args.output)
+    print(f"wrote {args.count} self-generated sequences of {args.seq_len} tokens to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recon_prune.calibration import build_calibration
+    from recon_prune.driver import prune
+    from recon_prune.outputs import check_output_dir, commit_dir, plot_block_errors, staging_dir
+
+    target = check_output_dir(args.output_dir, args.overwrite)
+    started = time.perf_counter()
+    model, tokenizer = _load(args.model)
+    print(f"model ready after {time.perf_counter() - started:.0f} s")
+    calibration = build_calibration("stdlib", tokenizer=tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=0)
+    dense = _heldout_ppl(model, tokenizer, "stdlib", 256, args.eval_chunks)
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, list[float | None]] = {}
+    for method in ("sparsegpt", "wanda"):
+        for reconstruction in DEMO_RECONSTRUCTIONS:
+            config = PruneConfig(
+                method=method,
+                sparsity=0.5,
+                reconstruction=reconstruction,
+                preset="cpu",
+                nsamples=args.nsamples,
+                seq_len=args.seq_len,
+                seed=0,
+            )
+            pruned = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            report = prune(pruned, calibration, config)
+            ppl = _heldout_ppl(pruned, tokenizer, "stdlib", 256, args.eval_chunks)
+            rows.append(
+                {
+                    "method": method,
+                    "reconstruction": reconstruction,
+                    "perplexity": ppl["perplexity"],
+                    "final_block_error": report.final_block_error,
+                    "block_errors": report.block_errors,
+                    "sparsity": report.sparsity["overall"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            errors[f"{method} {reconstruction}"] = report.block_errors
+            print(
+                f"{method:9s} {reconstruction:9s} ppl {ppl['perplexity']:8.3f}  final-block error {report.final_block_error:.4g}"
+            )
+    for row in rows:
+        base = next(r for r in rows if r["method"] == row["method"] and r["reconstruction"] == "none")
+        row["error_reduction_vs_none"] = 1.0 - row["final_block_error"] / base["final_block_error"]
+    lines = [
+        f"stdlib-tiny, 50% unstructured, {args.nsamples} x {args.seq_len} calibration bytes; held-out = stdlib test split, "
+        f"{dense['chunks']} chunks of 256. Dense perplexity: {dense['perplexity']:.3f}",
+        "",
+        "| method | reconstruction | held-out ppl | final-block error | error reduction vs none |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['reconstruction']} | {r['perplexity']:.3f} | {r['final_block_error']:.4g} | {100 * r['error_reduction_vs_none']:.1f}% |"
+        for r in rows
+    ]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    staging = staging_dir(target)
+    (staging / "demo_table.md").write_text(table + "\n", encoding="utf-8")
+    write_run_record(
+        staging / "results.json",
+        config=vars(args) | {"output_dir": str(args.output_dir)},
+        metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},
+    )
+    plot_block_errors(errors, staging / "error_per_block.png", title="stdlib-tiny, 50% sparsity")
+    commit_dir(staging, target)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; results in {target}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,4 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.command is None:
         parser.print_help()
-    return 0
+        return 0
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "generate-calibration": cmd_generate, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, ConfigError, OSError) as exc:
+        print(f"recon-prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2

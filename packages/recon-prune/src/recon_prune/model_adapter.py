@@ -147,8 +147,7 @@ def _non_block_modules(model: nn.Module, blocks_path: str) -> Iterator[nn.Module
             if name != part:
                 yield child
         node = getattr(node, part)
-    for param in model.parameters(recurse=False):  # pragma: no cover - unusual
-        yield param  # type: ignore[misc]
+    yield from model.parameters(recurse=False)  # type: ignore[misc]
 
 
 @torch.no_grad()
@@ -202,7 +201,7 @@ def capture_block_inputs(
                 replay = BlockInputs(args=rest, kwargs=kwargs, hidden_as_kwarg=as_kwarg).to(offload_device)
     finally:
         handle.remove()
-        for module, dev in zip(moved, original_devices):
+        for module, dev in zip(moved, original_devices, strict=False):
             if dev is not None:
                 module.to(dev)
     assert replay is not None

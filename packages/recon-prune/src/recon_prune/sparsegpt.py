@@ -89,7 +89,7 @@ class SparseGPT:
         if self.nsamples == 0:
             raise RuntimeError(f"SparseGPT: no calibration inputs were added for {name}")
         W = weight.detach().to(self.H.device, torch.float32).clone(memory_format=torch.contiguous_format)
-        rows, cols = W.shape
+        _rows, cols = W.shape
         if cols != self.columns:
             raise ValueError(f"weight of {name} has {cols} input columns, Hessian has {self.columns}")
         if nm is not None and cols % nm[1]:

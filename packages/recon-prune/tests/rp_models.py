@@ -1,0 +1,71 @@
+"""Tiny random causal LMs built from configs (no downloads) for the recon-prune tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 96
+
+
+def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return transformers.LlamaForCausalLM(config).eval()
+    if kind == "mistral":
+        config = transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return transformers.MistralForCausalLM(config).eval()
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return transformers.Qwen2ForCausalLM(config).eval()
+    if kind == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        return transformers.OPTForCausalLM(config).eval()
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
+    raise ValueError(kind)

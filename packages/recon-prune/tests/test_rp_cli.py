@@ -1,0 +1,146 @@
+"""Command-line round trip and bad input through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from recon_prune.cli import main
+from recon_prune.tiny_model import byte_tokenizer
+
+SMALL = ["--nsamples", "4", "--seq-len", "32", "--epochs", "1", "--set", "blocksize=16"]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+    )
+    path = tmp_path / "dense"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(model_dir),
+                "--output-dir",
+                str(out),
+                "--method",
+                "sparsegpt",
+                "--reconstruction",
+                "br+gp",
+                "--eval-chunks",
+                "2",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert "pruned perplexity" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["method"] == "sparsegpt" and results["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert results["versions"]["recon-prune"] and results["report"]["block_errors"][-1] > 0
+    saved = torch.load(out / "masks.pt", weights_only=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    for name, mask in saved["masks"].items():
+        assert torch.all(reloaded.get_submodule(name).weight[~mask] == 0)
+    assert (
+        main(["eval", "--model", str(out / "model"), "--max-chunks", "2", "--output", str(tmp_path / "eval.json")]) == 0
+    )
+    assert "sparsity 0.5" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["perplexity"]["chunks"] == 2
+    gen = tmp_path / "gen.jsonl"
+    assert (
+        main(
+            ["generate-calibration", "--model", str(model_dir), "--output", str(gen), "--count", "2", "--seq-len", "16"]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in gen.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["token_ids"]) == 16 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--method", "obs"], "unknown method 'obs'"),
+        (["--sparsity", "1.5"], r"sparsity must lie in \[0, 1\)"),
+        (["--pattern", "4:2"], "0 < N < M"),
+        (["--pattern", "two:four"], "malformed"),
+        (["--seq-len", "65"], "exceeds the model's context of 64"),
+    ],
+)
+def test_cli_bad_input_writes_nothing(model_dir, tmp_path, capsys, extra, match) -> None:
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(model_dir), "--output-dir", str(out), "--eval", "none", *SMALL, *extra]
+    assert main(args) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_cli_short_calibration_text_and_non_empty_output(model_dir, tmp_path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("tiny", encoding="utf-8")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(model_dir),
+                "--output-dir",
+                str(out),
+                "--calibration",
+                str(short),
+                "--eval",
+                "none",
+                *SMALL,
+            ]
+        )
+        == 2
+    )
+    assert "shorter than one sequence of 32" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["prune", "--model", str(model_dir), "--output-dir", str(out), *SMALL]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["demo", "--output-dir", str(out)]) == 2
+    assert (
+        main(["prune", "--model", str(model_dir), "--output-dir", str(out), "--overwrite", "--eval", "none", *SMALL])
+        == 0
+    )
+    assert (out / "model" / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_cli_help_and_unsupported_model(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "--reconstruction" in capsys.readouterr().out
+    assert (
+        main(["prune", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"), "--eval", "none"])
+        == 2
+    )
+    assert "missing" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -1,0 +1,151 @@
+"""End-to-end pruning on tiny random Llama, OPT and GPT-2 models; resume; save/reload; bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from rp_models import VOCAB, make_model
+
+import recon_prune.driver as driver
+from recon_prune import CalibrationData, PruneConfig, UnsupportedModelError, prune
+from recon_prune.model_adapter import find_decoder_blocks, find_linears, weight_matrix
+
+FAST = {"epochs": 2, "blocksize": 16, "device": "cpu"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_end_to_end_unstructured(kind: str, method: str, calib_ids: torch.Tensor) -> None:
+    model = make_model(kind)
+    errors = {}
+    for reconstruction in ("none", "br+gp"):
+        pruned = copy.deepcopy(model)
+        report = prune(
+            pruned, calib_ids, PruneConfig(method=method, sparsity=0.5, reconstruction=reconstruction, **FAST)
+        )
+        assert len(report.block_errors) == 2 and all(e is not None and e >= 0 for e in report.block_errors)
+        for name, fraction in report.sparsity["layers"].items():
+            assert fraction >= 0.5, name  # exactly half pruned (dead inputs may add zeros)
+        for name, mask in report.masks.items():
+            module = pruned.get_submodule(name)
+            assert mask.shape == module.weight.shape
+            assert torch.all(module.weight[~mask] == 0)
+        assert torch.isfinite(pruned(input_ids=calib_ids[:2]).logits).all()
+        errors[reconstruction] = report.final_block_error
+    assert errors["br+gp"] < errors["none"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_end_to_end_nm(kind: str, calib_ids: torch.Tensor) -> None:
+    model = make_model(kind)
+    report = prune(model, calib_ids, PruneConfig(method="sparsegpt", pattern="2:4", reconstruction="br", **FAST))
+    for block in find_decoder_blocks(model)[1]:
+        for module in find_linears(block).values():
+            w = weight_matrix(module)
+            assert torch.all((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2)
+    assert report.config["pattern"] == "2:4"
+
+
+@pytest.mark.parametrize("reconstruction", ["br+gp+cr", "br", "lr"])
+def test_resumed_run_equals_uninterrupted(reconstruction: str, calib_ids: torch.Tensor, tmp_path) -> None:
+    config = PruneConfig(method="sparsegpt", reconstruction=reconstruction, **FAST)
+    reference = make_model("llama", layers=3)
+    ref_report = prune(reference, calib_ids, config)
+
+    killed = make_model("llama", layers=3)
+
+    def kill(i: int, _report) -> None:
+        if i == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(killed, calib_ids, config, checkpoint_dir=tmp_path, block_callback=kill)
+    resumed = make_model("llama", layers=3)  # a fresh process reloads the dense model
+    report = prune(resumed, calib_ids, config, checkpoint_dir=tmp_path)
+    assert report.resumed_from_block == 2
+    ours, theirs = reference.state_dict(), resumed.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    assert report.block_errors == pytest.approx(ref_report.block_errors, rel=0, abs=0)
+    assert set(report.masks) == set(ref_report.masks)
+
+
+def test_checkpoint_of_another_run_is_refused(calib_ids: torch.Tensor, tmp_path) -> None:
+    prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="none", **FAST), checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="belongs to a different run"):
+        prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="br", **FAST), checkpoint_dir=tmp_path)
+
+
+def test_save_pretrained_reload_gives_identical_weights_and_sparsity(calib_ids: torch.Tensor, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from recon_prune.evaluate import sparsity_report
+
+    for kind in ("llama", "gpt2"):
+        model = make_model(kind)
+        report = prune(model, calib_ids, PruneConfig(method="wanda", reconstruction="br", **FAST))
+        model.save_pretrained(tmp_path / kind)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / kind)
+        ours, theirs = model.state_dict(), reloaded.state_dict()
+        assert ours.keys() == theirs.keys()
+        for name, value in ours.items():
+            assert torch.equal(value, theirs[name]), name
+        assert sparsity_report(reloaded) == report.sparsity
+
+
+def test_gp_targets_equal_dense_model_activations(calib_ids: torch.Tensor, monkeypatch) -> None:
+    model = make_model("llama", layers=3)
+    with torch.no_grad():
+        dense_hidden = model(input_ids=calib_ids, output_hidden_states=True, use_cache=False).hidden_states
+    seen = []
+    real_train = driver.train_blocks
+
+    def spy(blocks, inputs, x, targets, hparams, **kw):
+        seen.append((x.clone(), targets.clone()))
+        return real_train(blocks, inputs, x, targets, hparams, **kw)
+
+    monkeypatch.setattr(driver, "train_blocks", spy)
+    prune(model, calib_ids, PruneConfig(method="magnitude", reconstruction="br+gp", **FAST))
+    for i in range(2):
+        torch.testing.assert_close(seen[i][1], dense_hidden[i + 1], rtol=1e-5, atol=1e-6)
+    # BR (without GP) instead targets the dense block applied to the *sparse* inputs
+    seen.clear()
+    model = make_model("llama", layers=3)
+    prune(model, calib_ids, PruneConfig(method="magnitude", reconstruction="br", **FAST))
+    assert not torch.allclose(seen[1][1], dense_hidden[2], atol=1e-6)
+
+
+def test_self_generated_rows_join_reconstruction_but_not_mask_statistics(calib_ids: torch.Tensor, monkeypatch) -> None:
+    extra = torch.randint(0, VOCAB, (4, calib_ids.shape[1]), generator=torch.Generator().manual_seed(5))
+    config = PruneConfig(method="wanda", reconstruction="br", **FAST)
+    only_real, with_generated = make_model("llama"), make_model("llama")
+    report_a = prune(only_real, calib_ids, config)
+    sizes = []
+    real_train = driver.train_blocks
+    monkeypatch.setattr(
+        driver, "train_blocks", lambda b, i, x, *a, **k: (sizes.append(x.shape[0]), real_train(b, i, x, *a, **k))[1]
+    )
+    report_b = prune(with_generated, CalibrationData(input_ids=calib_ids, generated_ids=extra), config)
+    first_block = [k for k in report_a.masks if ".0." in k]
+    assert all(torch.equal(report_a.masks[k], report_b.masks[k]) for k in first_block)  # masks from real text only
+    assert sizes == [12, 12]
+
+
+def test_bad_inputs_fail_before_any_work(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder blocks"):
+        prune(torch.nn.Sequential(torch.nn.Linear(2, 2)), calib_ids, PruneConfig())
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        prune(model, torch.zeros(2, 65, dtype=torch.long), PruneConfig())
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        prune(model, torch.full((2, 8), VOCAB), PruneConfig())
+    with pytest.raises(ValueError, match="2-D"):
+        prune(model, torch.zeros(8, dtype=torch.long), PruneConfig())
+    with pytest.raises(TypeError, match="PruneConfig"):
+        prune(model, calib_ids, {"method": "wanda"})
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value)

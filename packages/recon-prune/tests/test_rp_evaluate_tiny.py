@@ -1,0 +1,77 @@
+"""Perplexity protocol, sparsity report, the byte tokenizer and the stdlib-tiny recipe (a few steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from rp_models import make_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from recon_prune.evaluate import perplexity, sparsity_report
+from recon_prune.tiny_model import TinyRecipe, byte_tokenizer, pretrain, stdlib_tiny_path
+
+
+def test_perplexity_over_non_overlapping_chunks_by_hand() -> None:
+    model = make_model("llama")
+    ids = torch.randint(0, 96, (50,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, ids, seq_len=16, batch_size=2)
+    assert result["chunks"] == 3 and result["tokens"] == 45  # 50 // 16 chunks, 15 predictions each
+    nll = 0.0
+    with torch.no_grad():
+        for c in range(3):
+            chunk = ids[16 * c : 16 * (c + 1)].unsqueeze(0)
+            logp = torch.log_softmax(model(input_ids=chunk).logits[0, :-1], -1)
+            nll -= logp.gather(1, chunk[0, 1:, None]).sum().item()
+    assert math.isclose(result["perplexity"], math.exp(nll / 45), rel_tol=1e-5)
+
+
+def test_sparsity_report_counts_zeros() -> None:
+    model = make_model("opt")
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.weight[:, :16] = 0
+    report = sparsity_report(model)
+    assert report["layers"]["model.decoder.layers.0.fc1"] == 0.5
+    assert report["zeros"] == 64 * 16 and 0 < report["overall"] < 0.1
+
+
+def test_byte_tokenizer_maps_bytes_to_ids_and_round_trips(tmp_path) -> None:
+    tok = byte_tokenizer()
+    text = "def f(x):\n    return 'héllo ☃'"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.decode(ids) == text and again.eos_token_id == 256
+
+
+def test_pretraining_recipe_runs_saves_and_records(tmp_path, monkeypatch) -> None:
+    recipe = TinyRecipe(
+        layers=1,
+        hidden=32,
+        heads=2,
+        intermediate=64,
+        context=64,
+        train_seq_len=32,
+        batch_size=4,
+        steps=3,
+        eval_chunks=2,
+        warmup_steps=1,
+    )
+    record = pretrain(recipe, tmp_path / "m", show_progress=False)
+    assert record["train_tokens"] == 3 * 4 * 32 and record["heldout"]["chunks"] == 2
+    assert math.isfinite(record["heldout"]["perplexity"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.model_type == "llama" and model.config.vocab_size == 257
+    saved = json.loads((tmp_path / "m" / "stdlib_tiny_record.json").read_text())
+    assert saved["metrics"]["heldout"]["perplexity"] == record["heldout"]["perplexity"]
+    # a cached model is found (and not retrained) through RECON_PRUNE_CACHE
+    monkeypatch.setenv("RECON_PRUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "m").rename(tmp_path / "cache" / "stdlib-tiny-v1")
+    monkeypatch.setattr(
+        "recon_prune.tiny_model.pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained"))
+    )
+    assert stdlib_tiny_path() == tmp_path / "cache" / "stdlib-tiny-v1"
