@@ -1,0 +1,209 @@
+"""Levels, ordering, replacement values, conceptualization, visibility and cost of the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cbm_intervene.data import ConceptPredictions
+from cbm_intervene.intervention import CostModel, InterventionConfig, replacement_values, run_intervention
+
+LEVELS = ["I+S", "G+S", "I+B", "G+B"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("ordering", ["static", "adaptive"])
+@pytest.mark.parametrize("criterion", ["RAND", "UCP", "ECTP"])
+def test_each_step_intervenes_exactly_the_stated_number(level, ordering, criterion, prob_predictions, target):
+    curve = run_intervention(
+        prob_predictions, target, InterventionConfig(criterion=criterion, level=level, ordering=ordering)
+    )
+    n = prob_predictions.n_samples
+    sizes = np.array([len(m) for m in prob_predictions.groups.members])
+    n_units = len(sizes) if level.startswith("G") else prob_predictions.n_concepts
+    assert len(curve.steps) == n_units + 1
+    for t in range(n_units + 1):
+        if level.endswith("S"):
+            assert (curve.unit_counts[t] == t).all(), (level, t, curve.unit_counts[t])
+        else:
+            assert curve.unit_counts[t].sum() == min(t * n, n * n_units)
+        if level.startswith("I"):
+            np.testing.assert_array_equal(curve.concept_counts[t], curve.unit_counts[t])
+    if level == "G+S":  # concepts asked = sizes of the chosen groups, so at most the t largest groups
+        largest = np.cumsum(np.sort(sizes)[::-1])
+        for t in range(1, n_units + 1):
+            assert (curve.concept_counts[t] <= largest[t - 1]).all()
+    assert (curve.concept_counts[-1] == prob_predictions.n_concepts).all()
+
+
+def test_static_individual_order_is_initial_top_t(prob_predictions, target):
+    uncertainty = (prob_predictions.values - 0.5).abs()
+    for t in (1, 3):
+        curve = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP", max_steps=t))
+        changed = curve.final_values != prob_predictions.values
+        expected = torch.zeros_like(changed)
+        expected.scatter_(1, uncertainty.argsort(1)[:, :t], True)
+        # a revealed concept whose prediction already equals the truth shows no change
+        same = prob_predictions.values == prob_predictions.true_concepts
+        assert ((changed == expected) | same).all()
+
+
+def test_batch_level_ranks_all_pairs_together(prob_predictions, target):
+    n = prob_predictions.n_samples
+    curve = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP", level="I+B", max_steps=1))
+    changed = curve.final_values != prob_predictions.values
+    flat = (prob_predictions.values - 0.5).abs().flatten()
+    expected = torch.zeros(flat.shape, dtype=torch.bool)
+    expected[flat.argsort()[:n]] = True
+    assert (changed.flatten() == expected).all()
+    assert curve.concept_counts[1].sum() == n and curve.concept_counts[1].max() > 1  # uneven per sample
+
+
+def test_group_score_mean_and_max_differ_as_defined(prob_predictions, target):
+    # sample 0 under LCP: group a = {0,1} has losses (0.95, 0): mean 0.475, max 0.95;
+    # group b = {2,3,4} has losses (0.6, 0.6, 0.6): mean 0.6, max 0.6; group c = {5}: 0
+    values, true = prob_predictions.values.clone(), prob_predictions.true_concepts.clone()
+    values[0] = torch.tensor([0.95, 0.0, 0.6, 0.6, 0.6, 1.0])
+    true[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    predictions = ConceptPredictions(**{**prob_predictions.__dict__, "values": values, "true_concepts": true})
+    chosen = {}
+    for how in ("mean", "max"):
+        config = InterventionConfig(criterion="LCP", level="G+S", group_score=how, max_steps=1)
+        chosen[how] = int(run_intervention(predictions, target, config).concept_counts[1][0])
+    assert chosen["max"] == 2  # group a (2 concepts) by its worst member
+    assert chosen["mean"] == 3  # group b (3 concepts) by its mean
+
+
+def test_full_intervention_reaches_error_of_f_on_true_concepts(prob_predictions, target):
+    curve = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP"))
+    with torch.no_grad():
+        expected = (target(prob_predictions.true_concepts).argmax(1) != prob_predictions.labels).float().mean().item()
+    assert curve.error[-1] == pytest.approx(expected)
+    torch.testing.assert_close(curve.final_values, prob_predictions.true_concepts)
+
+
+def test_full_intervention_on_logits_uses_percentiles(logit_predictions, target):
+    low, high = replacement_values(logit_predictions, "train")
+    reference = logit_predictions.reference_values.numpy()
+    np.testing.assert_allclose(low.numpy(), np.percentile(reference, 5, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(high.numpy(), np.percentile(reference, 95, axis=0), rtol=1e-5)
+    eval_low, _ = replacement_values(logit_predictions, "eval")
+    np.testing.assert_allclose(eval_low.numpy(), np.percentile(logit_predictions.values.numpy(), 5, axis=0), rtol=1e-5)
+    curve = run_intervention(logit_predictions, target, InterventionConfig(criterion="ECTP", level="G+B"))
+    revealed = torch.where(logit_predictions.true_concepts > 0.5, high, low)
+    torch.testing.assert_close(curve.final_values, revealed)
+    with torch.no_grad():
+        expected = (target(revealed).argmax(1) != logit_predictions.labels).float().mean().item()
+    assert curve.error[-1] == pytest.approx(expected)
+
+
+def test_class_level_concepts_drive_error_to_zero():
+    """Concepts that determine the class and an f that decodes them: full intervention gives 0 error."""
+    codes = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    labels = torch.arange(4).repeat(5)
+    true = codes[labels]
+    target = torch.nn.Linear(3, 4)
+    with torch.no_grad():  # score(class y) = 2 c.code_y - |code_y|: maximal exactly at the class's own code
+        target.weight.copy_(2 * codes - 1)
+        target.bias.copy_(-codes.sum(1) + 0.5 * (codes.sum(1) == 0).float())
+    noisy = (true + 0.45 * torch.randn(true.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    predictions = ConceptPredictions(values=noisy, kind="prob", true_concepts=true, labels=labels, n_classes=4)
+    for criterion in ("RAND", "UCP", "LCP", "CCTP", "ECTP", "EUDTP"):
+        curve = run_intervention(predictions, target, InterventionConfig(criterion=criterion))
+        assert curve.error[0] > 0
+        assert curve.error[-1] == 0.0
+    lcp = run_intervention(predictions, target, InterventionConfig(criterion="LCP"))
+    rand = run_intervention(predictions, target, InterventionConfig(criterion="RAND"))
+    assert lcp.error[1] <= rand.error[1]
+
+
+@pytest.mark.parametrize("policy", ["nullify", "keep", "skip"])
+def test_not_visible_policies(policy, prob_predictions, target):
+    visibility = torch.ones(prob_predictions.n_samples, prob_predictions.n_concepts, dtype=torch.bool)
+    visibility[:, 0] = False
+    predictions = ConceptPredictions(**{**prob_predictions.__dict__, "visibility": visibility})
+    curve = run_intervention(predictions, target, InterventionConfig(criterion="UCP", not_visible=policy))
+    final = curve.final_values
+    if policy == "nullify":
+        assert (final[:, 0] == 0).all()
+        assert (curve.concept_counts[-1] == predictions.n_concepts).all()
+    else:
+        torch.testing.assert_close(final[:, 0], predictions.values[:, 0])
+    if policy == "skip":  # never asked: one step fewer has an effect and the count stops at K-1
+        assert (curve.concept_counts[-1] == predictions.n_concepts - 1).all()
+    torch.testing.assert_close(final[:, 1:], predictions.true_concepts[:, 1:])
+
+
+def test_samp_equals_soft_on_binary_bottleneck(prob_predictions, target):
+    binary = ConceptPredictions(**{**prob_predictions.__dict__, "values": (prob_predictions.values > 0.5).float()})
+    soft = run_intervention(binary, target, InterventionConfig(criterion="UCP", conceptualization="soft"))
+    samp = run_intervention(binary, target, InterventionConfig(criterion="UCP", conceptualization="samp", n_samples=3))
+    np.testing.assert_allclose(samp.error, soft.error)
+
+
+def test_hard_thresholds_probabilities_at_half(prob_predictions, target):
+    hard = run_intervention(
+        prob_predictions, target, InterventionConfig(criterion="UCP", conceptualization="hard", max_steps=0)
+    )
+    with torch.no_grad():
+        predicted = target((prob_predictions.values >= 0.5).float()).argmax(1)
+    assert hard.error[0] == pytest.approx((predicted != prob_predictions.labels).float().mean().item())
+
+
+def test_cost_model_counts_concepts_groups_and_forward_passes(prob_predictions, target):
+    costs = CostModel(concept=2.0, group=5.0, forward_pass=0.1)
+    k = prob_predictions.n_concepts
+    static = run_intervention(prob_predictions, target, InterventionConfig(criterion="ECTP", costs=costs))
+    np.testing.assert_allclose(static.forward_passes_per_sample, [0] + [2 * k] * k)
+    np.testing.assert_allclose(static.cost_per_sample, 2.0 * np.arange(k + 1) + 0.1 * np.array([0] + [2 * k] * k))
+    adaptive = run_intervention(
+        prob_predictions, target, InterventionConfig(criterion="ECTP", ordering="adaptive", costs=costs)
+    )
+    # re-scoring before step t looks ahead on the K - (t-1) concepts still hidden
+    np.testing.assert_allclose(adaptive.forward_passes_per_sample, np.cumsum([0] + [2 * (k - t) for t in range(k)]))
+    group = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP", level="G+S", costs=costs))
+    np.testing.assert_allclose(group.cost_per_sample, 5.0 * np.arange(4))
+
+
+def test_adaptive_rescoring_differs_from_static_only_for_state_dependent_criteria(prob_predictions, target):
+    static = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP"))
+    adaptive = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP", ordering="adaptive"))
+    np.testing.assert_allclose(static.error, adaptive.error)  # UCP of unrevealed concepts never changes
+
+
+def test_balanced_error_metric(prob_predictions, target):
+    curve = run_intervention(
+        prob_predictions, target, InterventionConfig(criterion="UCP", metric="balanced_error", max_steps=0)
+    )
+    with torch.no_grad():
+        predicted = target(prob_predictions.values).argmax(1)
+    recalls = [
+        (predicted[prob_predictions.labels == c] == c).float().mean().item()
+        for c in prob_predictions.labels.unique().tolist()
+    ]
+    assert curve.error[0] == pytest.approx(1 - sum(recalls) / len(recalls))
+
+
+def test_bad_configurations_are_rejected(prob_predictions, logit_predictions, target):
+    with pytest.raises(ValueError, match="unknown level 'X\\+Y'"):
+        InterventionConfig(level="X+Y")
+    with pytest.raises(ValueError, match="unknown ordering"):
+        InterventionConfig(ordering="sometimes")
+    with pytest.raises(ValueError, match="unknown conceptualization"):
+        InterventionConfig(conceptualization="fuzzy")
+    with pytest.raises(ValueError, match="unknown not-visible policy"):
+        InterventionConfig(not_visible="hide")
+    with pytest.raises(ValueError, match="percentiles"):
+        InterventionConfig(percentiles=(95, 5))
+    with pytest.raises(ValueError, match="cost concept must be non-negative"):
+        CostModel(concept=-1)
+    no_groups = ConceptPredictions(**{**prob_predictions.__dict__, "groups": None})
+    with pytest.raises(ValueError, match="needs concept groups"):
+        run_intervention(no_groups, target, InterventionConfig(level="G+S"))
+    no_reference = ConceptPredictions(**{**logit_predictions.__dict__, "reference_values": None})
+    with pytest.raises(ValueError, match="replacement_source='train' needs reference_values"):
+        run_intervention(no_reference, target, InterventionConfig())
+    run_intervention(no_reference, target, InterventionConfig(replacement_source="eval", max_steps=1))
+    with pytest.raises(ValueError, match="expected \\(4,\\) class logits"):
+        run_intervention(prob_predictions, torch.nn.Linear(6, 3), InterventionConfig())
