@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from basisrot_pipeline.model import lm_loss
-from basisrot_pipeline.optim.factory import OptimConfig, optimizer_step
+from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
+from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
 
 
 class StalenessEmulator:
@@ -146,3 +146,29 @@ class StalenessEmulator:
         self.stash = [{int(v): dict(w) for v, w in stash.items()} for stash in state["stash"]]
         for optimizer, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(opt_state)
+
+
+def build_emulator(
+    model_config: ModelConfig,
+    optim_config: OptimConfig,
+    delays: Sequence[int],
+    *,
+    total_steps: int,
+    weight_stashing: bool = True,
+    seed: int = 0,
+) -> tuple[GPT, StalenessEmulator]:
+    """A freshly initialised decoder (seeded) split into ``len(delays)`` stages, and its emulator."""
+    torch.manual_seed(seed)
+    model = GPT(model_config)
+    stages = partition_model(model, len(delays))
+    delays = tuple(delays)
+    optimizers = [build_optimizer(stage, optim_config, delays=delays, stage=s) for s, stage in enumerate(stages)]
+    emulator = StalenessEmulator(
+        stages,
+        optimizers,
+        delays,
+        optim_config=optim_config,
+        total_steps=total_steps,
+        weight_stashing=weight_stashing,
+    )
+    return model, emulator

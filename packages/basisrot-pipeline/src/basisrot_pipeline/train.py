@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from basisrot_pipeline.data import TokenBatches, random_batches, stdlib_batches
-from basisrot_pipeline.emulator import StalenessEmulator
-from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
-from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer
+from basisrot_pipeline.emulator import build_emulator
+from basisrot_pipeline.model import ModelConfig, lm_loss
+from basisrot_pipeline.optim.factory import OptimConfig
 from basisrot_pipeline.staleness import SCHEDULES, staleness_schedule
 from shin_common import config_to_dict, progress, seed_everything, write_run_record
 
@@ -99,17 +99,14 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     train_batches, val_batches, data_info = make_batches(config)
-    model = GPT(config.model)
-    stages = partition_model(model, config.stages)
     delays = config.delays()
-    optimizers = [build_optimizer(stage, config.optim, delays=delays, stage=s) for s, stage in enumerate(stages)]
-    emulator = StalenessEmulator(
-        stages,
-        optimizers,
+    model, emulator = build_emulator(
+        config.model,
+        config.optim,
         delays,
-        optim_config=config.optim,
         total_steps=config.steps,
         weight_stashing=config.weight_stashing,
+        seed=config.seed,
     )
     checkpoint = out / "checkpoint.pt"
     losses: list[float] = []

@@ -1,0 +1,109 @@
+"""Command line: train (emulated, resumable), config errors, and the demo's outputs on a short run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from basisrot_pipeline.cli import main
+from basisrot_pipeline.emulator import StalenessEmulator
+from basisrot_pipeline.model import ModelConfig
+from basisrot_pipeline.train import TrainConfig, train
+
+TINY_ARGS = [
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_embd=16",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.block_size=16",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "eval_batches=2",
+]
+
+
+def test_train_emulated_writes_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--stages",
+            "2",
+            "--optimizer",
+            "basis-rotation",
+            "--runtime",
+            "emulated",
+            "--steps",
+            "6",
+            "--output-dir",
+            str(out),
+            *TINY_ARGS,
+        ]
+    )
+    assert code == 0
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["metrics"]["train_losses"]) == 6 and record["metrics"]["delays"] == [1, 0]
+    assert record["config"]["optim"]["name"] == "basis-rotation" and "git" in json.dumps(record)
+    assert "val_loss" in capsys.readouterr().out
+
+
+def test_train_resumes_after_interruption(tmp_path, monkeypatch):
+    config = TrainConfig(
+        stages=2,
+        steps=7,
+        batch_size=4,
+        data="random",
+        checkpoint_every=3,
+        eval_batches=1,
+        model=ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16),
+    )
+    full = train(config, tmp_path / "full")
+
+    real_step = StalenessEmulator.step
+
+    def crash_at_minibatch_4(self, inputs, targets):
+        if self.updates == 4:
+            raise KeyboardInterrupt
+        return real_step(self, inputs, targets)
+
+    monkeypatch.setattr(StalenessEmulator, "step", crash_at_minibatch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "interrupted")
+    assert (tmp_path / "interrupted" / "checkpoint.pt").exists()
+    monkeypatch.setattr(StalenessEmulator, "step", real_step)
+    resumed = train(config, tmp_path / "interrupted")  # continues from minibatch 3
+    assert resumed["train_losses"] == full["train_losses"]
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", "3"], r"stages \(3\) is larger than the number of layers \(2\)"),
+        (["--optimizer", "sgd"], "unknown optimizer 'sgd'"),
+        (["--schedule", "gpipe"], "unknown staleness schedule 'gpipe'"),
+        (["--set", "optim.precondition_frequency=0"], "precondition_frequency must be a positive int"),
+        (["--runtime", "mpi"], "unknown runtime 'mpi'"),
+    ],
+)
+def test_train_bad_inputs(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output-dir", str(tmp_path), *TINY_ARGS, *args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_demo_short_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    from basisrot_pipeline.cli import run_demo
+
+    summary = run_demo(tmp_path, steps=3)
+    assert set(summary) >= {"adamw", "basis-rotation", "wall_seconds"}
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    assert (tmp_path / "adamw" / "run.json").exists() and (tmp_path / "basis-rotation" / "run.json").exists()
