@@ -149,3 +149,17 @@ def test_bad_inputs_fail_before_any_work(calib_ids: torch.Tensor) -> None:
         prune(model, calib_ids, {"method": "wanda"})
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value)
+
+
+def test_bfloat16_model_keeps_its_dtype_and_exact_zeros(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama").to(torch.bfloat16)
+    report = prune(model, calib_ids, PruneConfig(method="sparsegpt", reconstruction="br+gp+cr", **FAST))
+    for name, mask in report.masks.items():
+        weight = model.get_submodule(name).weight
+        assert weight.dtype == torch.bfloat16 and torch.all(weight[~mask] == 0)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_nm_pattern_that_does_not_divide_the_width_is_refused_early(calib_ids: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="not divisible by M=64"):
+        prune(make_model("llama"), calib_ids, PruneConfig(pattern="2:64", blocksize=128))

@@ -39,7 +39,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a PruneConfig field"
     )
-    parser.add_argument("--method", choices=None, help=f"one of {', '.join(METHODS)} (default: sparsegpt)")
+    parser.add_argument("--method", help=f"one of {', '.join(METHODS)} (default: sparsegpt)")
     parser.add_argument("--sparsity", type=float, help="fraction of weights pruned, in [0, 1) (default: 0.5)")
     parser.add_argument("--pattern", help="'unstructured' or N:M such as 2:4 (default: unstructured)")
     parser.add_argument("--reconstruction", help=f"one of {', '.join(RECONSTRUCTIONS)}, or 'cr' (default: br+gp)")
@@ -139,12 +139,13 @@ def _heldout_ppl(model: Any, tokenizer: Any, source: str, seq_len: int, max_chun
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from recon_prune.calibration import build_calibration
-    from recon_prune.driver import max_positions, prune
+    from recon_prune.driver import check_structure, max_positions, prune
     from recon_prune.outputs import check_output_dir, commit_dir, save_pruned, staging_dir
 
     target = check_output_dir(args.output_dir, args.overwrite)
     config = _config_from_args(args)
     model, tokenizer = _load(args.model)
+    check_structure(model, config)  # unsupported model or N:M mismatch: fail before any work
     seq_len = config.resolved_seq_len()
     limit = max_positions(model)
     if limit is not None and seq_len > limit:

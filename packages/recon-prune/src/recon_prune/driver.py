@@ -101,10 +101,8 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def check_model_and_calibration(
-    model: nn.Module, data: CalibrationData, config: PruneConfig
-) -> tuple[str, nn.ModuleList]:
-    """All checks that must pass before any work is done."""
+def check_structure(model: nn.Module, config: PruneConfig) -> tuple[str, nn.ModuleList]:
+    """Decoder blocks findable, every block has linear layers, N:M divides every input width."""
     path, blocks = find_decoder_blocks(model)
     for i, block in enumerate(blocks):
         linears = find_linears(block)
@@ -115,6 +113,14 @@ def check_model_and_calibration(
                     raise ValueError(
                         f"pattern {config.pattern}: {path}.{i}.{name} has {cols} input features, not divisible by M={config.nm[1]}"
                     )
+    return path, blocks
+
+
+def check_model_and_calibration(
+    model: nn.Module, data: CalibrationData, config: PruneConfig
+) -> tuple[str, nn.ModuleList]:
+    """All checks that must pass before any work is done."""
+    path, blocks = check_structure(model, config)
     limit = max_positions(model)
     if limit is not None and data.seq_len > limit:
         raise ValueError(f"calibration sequence length {data.seq_len} exceeds the model's context of {limit} positions")
