@@ -86,3 +86,23 @@ def test_calibration_data_validation() -> None:
         CalibrationData(
             input_ids=torch.zeros(1, 4, dtype=torch.long), generated_ids=torch.zeros(1, 3, dtype=torch.long)
         )
+
+
+def test_online_loaders_join_text_like_the_references(monkeypatch) -> None:
+    """wikitext2 test is joined with blank lines; C4 evaluation uses the first 1100 validation docs."""
+    import datasets
+
+    from recon_prune.calibration import source_text
+
+    calls = []
+
+    def fake_load(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        rows = [f"doc {i}" for i in range(1200)]
+        return datasets.Dataset.from_dict({"text": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert source_text("wikitext2", "test").startswith("doc 0\n\ndoc 1\n\n")
+    assert calls[-1][0] == "wikitext" and calls[-1][1] == ("wikitext-2-raw-v1",) and calls[-1][2]["split"] == "test"
+    c4 = source_text("c4", "test")
+    assert c4.split(" doc ")[-1] == "1099" and calls[-1][0] == "allenai/c4"

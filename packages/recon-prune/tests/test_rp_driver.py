@@ -48,7 +48,7 @@ def test_end_to_end_nm(kind: str, calib_ids: torch.Tensor) -> None:
     assert report.config["pattern"] == "2:4"
 
 
-@pytest.mark.parametrize("reconstruction", ["br+gp+cr", "br", "lr"])
+@pytest.mark.parametrize("reconstruction", ["br+gp+cr", "br+cr", "br", "lr"])
 def test_resumed_run_equals_uninterrupted(reconstruction: str, calib_ids: torch.Tensor, tmp_path) -> None:
     config = PruneConfig(method="sparsegpt", reconstruction=reconstruction, **FAST)
     reference = make_model("llama", layers=3)
@@ -163,3 +163,45 @@ def test_bfloat16_model_keeps_its_dtype_and_exact_zeros(calib_ids: torch.Tensor)
 def test_nm_pattern_that_does_not_divide_the_width_is_refused_early(calib_ids: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="not divisible by M=64"):
         prune(make_model("llama"), calib_ids, PruneConfig(pattern="2:64", blocksize=128))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_end_to_end_llama_family(kind: str, calib_ids: torch.Tensor) -> None:
+    model = make_model(kind)
+    report = prune(model, calib_ids, PruneConfig(method="sparsegpt", reconstruction="br+gp", **FAST))
+    assert report.blocks_path == "model.layers" and report.sparsity["overall"] >= 0.5
+
+
+@pytest.mark.parametrize("reconstruction", ["br", "br+gp+cr", "br+cr"])
+def test_reported_errors_equal_sparse_vs_dense_hidden_states(reconstruction: str, calib_ids: torch.Tensor) -> None:
+    """The per-depth error, recomputed from the final pruned and the dense model's hidden states."""
+    dense = make_model("llama", layers=4)
+    pruned = copy.deepcopy(dense)
+    report = prune(pruned, calib_ids, PruneConfig(method="wanda", reconstruction=reconstruction, **FAST))
+    with torch.no_grad():
+        h_dense = dense(input_ids=calib_ids, output_hidden_states=True).hidden_states
+        h_sparse = pruned(input_ids=calib_ids, output_hidden_states=True).hidden_states
+    for i in range(3):  # the last entry of hidden_states has the final norm applied
+        expected = torch.nn.functional.mse_loss(h_sparse[i + 1], h_dense[i + 1]).item()
+        assert report.block_errors[i] == pytest.approx(expected, rel=1e-4)
+
+
+def test_lr_is_the_sparsegpt_update_and_a_no_op_for_wanda(calib_ids: torch.Tensor) -> None:
+    dense = make_model("llama")
+    runs = {}
+    for method in ("sparsegpt", "wanda"):
+        for reconstruction in ("none", "lr"):
+            model = copy.deepcopy(dense)
+            runs[method, reconstruction] = (
+                model,
+                prune(model, calib_ids, PruneConfig(method=method, reconstruction=reconstruction, **FAST)),
+            )
+    for name, value in runs["wanda", "none"][0].state_dict().items():
+        assert torch.equal(value, runs["wanda", "lr"][0].state_dict()[name])
+    assert runs["sparsegpt", "lr"][1].final_block_error < runs["sparsegpt", "none"][1].final_block_error
+    # without LR, SparseGPT's kept weights are the dense weights themselves
+    none_model, none_report = runs["sparsegpt", "none"]
+    for name, mask in none_report.masks.items():
+        torch.testing.assert_close(
+            none_model.get_submodule(name).weight[mask], dense.get_submodule(name).weight[mask], rtol=0, atol=0
+        )

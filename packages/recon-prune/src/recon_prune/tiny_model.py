@@ -161,9 +161,9 @@ def pretrain(recipe: TinyRecipe, output_dir: str | os.PathLike[str], *, show_pro
     rng = np.random.default_rng(recipe.seed)
     span = recipe.train_seq_len + 1
     started = time.perf_counter()
-    bar = progress(range(recipe.steps), desc="pretraining stdlib-tiny", disable=not show_progress)
+    bar = progress(range(recipe.steps), desc="pretraining stdlib-tiny", disable=None if show_progress else True)
     loss_value = float("nan")
-    for _step in bar:
+    for step in bar:
         starts = rng.integers(0, train.size - span, size=recipe.batch_size)
         batch = torch.from_numpy(train[starts[:, None] + np.arange(span)[None, :]].astype(np.int64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
@@ -175,8 +175,9 @@ def pretrain(recipe: TinyRecipe, output_dir: str | os.PathLike[str], *, show_pro
         optimizer.step()
         scheduler.step()
         loss_value = loss.item()
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:  # visible where the bar is not (no tty)
+            log.info("pretraining stdlib-tiny: step %d/%d, loss %.3f nats/byte", step + 1, recipe.steps, loss_value)
     train_seconds = time.perf_counter() - started
     model.eval()
     test_ids = torch.frombuffer(bytearray(corpus.bytes("test")), dtype=torch.uint8).long()
