@@ -56,3 +56,25 @@ def test_ddp_step_equals_single_process_on_same_global_batch(tmp_path):
         if "running" in name or "num_batches" in name:
             continue  # DDP broadcasts rank 0's buffers; single-process saw both shards
         torch.testing.assert_close(ddp_state[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_per_device_perturbation_differs_from_global_one():
+    # Negative control for the test above: one perturbation from the global batch gives another
+    # update, so agreement there is not automatic.
+    worker = _load_worker_module()
+    x, y = worker.global_batch()
+    chunked, whole = worker.build_model(), worker.build_model()
+    opt_chunked = SAM(chunked.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, model=chunked)
+    opt_whole = SAM(whole.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, model=whole)
+
+    def closure_for(model):
+        def closure(chunk=(x, y)):
+            loss = F.cross_entropy(model(chunk[0]), chunk[1])
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt_chunked.step_chunked(closure_for(chunked), [(x[:8], y[:8]), (x[8:], y[8:])], [0.5, 0.5])
+    opt_whole.step(closure_for(whole))
+    assert not torch.allclose(chunked[0].weight, whole[0].weight, rtol=0, atol=1e-9)

@@ -243,17 +243,24 @@ class SAM(torch.optim.Optimizer):
         closure: Callable[[], torch.Tensor] | None = None,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
+        chunks: Sequence[Any] | None = None,
+        chunk_weights: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """One SAM step. ``closure`` zeroes nothing, computes the loss on the batch, calls
         ``backward`` (``grad_scaler.scale(loss).backward()`` when a scaler is used) and returns the
         loss; it runs twice. Returns the clean-pass loss. With a scaler, call
         ``grad_scaler.update()`` afterwards as usual; a non-finite clean gradient skips the step.
+        With ``chunks`` the step is m-sharpness: see :meth:`step_chunked`.
         """
         if closure is None:
             raise ValueError(
                 "SAM.step() needs a closure that computes the loss and calls backward(); it is run "
                 "twice (at w and at w + e). Without one, call first_step() and second_step() yourself."
             )
+        if chunks is not None:
+            if grad_scaler is not None:
+                raise ValueError("m-sharpness chunks with a GradScaler are not supported")
+            return self._chunked(closure, chunks, chunk_weights)
         self.zero_grad()
         with torch.enable_grad(), self._model_no_sync():
             loss = closure()
@@ -288,14 +295,22 @@ class SAM(torch.optim.Optimizer):
 
     def step_chunked(
         self, closure: Callable[[Any], torch.Tensor], chunks: Sequence[Any], weights: Sequence[float]
-    ) -> float:
+    ) -> torch.Tensor:
         """m-sharpness: one perturbation per chunk, one base step with the averaged gradient.
 
         ``closure(chunk)`` computes the chunk's mean loss and calls backward; ``weights`` (usually
         chunk size / batch size) combine the chunks' perturbed gradients
         ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
-        Sec. 4.1). Returns the weighted clean loss.
+        Sec. 4.1). Returns the weighted clean loss. (Goes through :meth:`step`, so LR schedulers
+        see the step.)
         """
+        return self.step(closure, chunks=chunks, chunk_weights=weights)
+
+    def _chunked(
+        self, closure: Callable[[Any], torch.Tensor], chunks: Sequence[Any], weights: Sequence[float] | None
+    ) -> torch.Tensor:
+        if weights is None:
+            raise ValueError("chunk_weights are required with chunks (e.g. chunk size / batch size)")
         if len(chunks) != len(weights) or not chunks:
             raise ValueError(f"need one weight per chunk and at least one chunk, got {len(chunks)} and {len(weights)}")
         total: dict[torch.Tensor, torch.Tensor] = {}
@@ -320,7 +335,7 @@ class SAM(torch.optim.Optimizer):
         with torch.no_grad():
             self._descent_gradient_ready()
         self.base_optimizer.step()
-        return clean_loss
+        return torch.tensor(clean_loss)
 
     # ----------------------------------------------------------------------------- state
     def zero_grad(self, set_to_none: bool = True) -> None:

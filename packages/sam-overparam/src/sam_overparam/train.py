@@ -192,7 +192,7 @@ def _train_step(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Op
                 loss.backward()
                 return loss
 
-            return optimizer.step_chunked(chunk_closure, chunks, [len(c[1]) / len(y) for c in chunks])
+            return float(optimizer.step_chunked(chunk_closure, chunks, [len(c[1]) / len(y) for c in chunks]))
 
         def closure():
             loss = loss_fn(model, (x, y))
