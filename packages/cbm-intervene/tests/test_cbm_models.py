@@ -1,0 +1,117 @@
+"""Training strategies, early stopping, checkpoints; metrics and summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cbm_intervene.data import SyntheticConfig, make_synthetic
+from cbm_intervene.metrics import area_under_curve, error_at, error_rate, interventions_to_reach, mean_std, summarize
+from cbm_intervene.models import BOTTLENECK_KIND, TrainConfig, fit, load_cbm, train_cbm
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_synthetic(
+        SyntheticConfig(
+            n_concepts=12,
+            n_features=16,
+            n_classes=6,
+            n_groups=3,
+            samples_per_class=40,
+            weight_std=1.0,
+            noise_std=0.5,
+            seed=3,
+        )
+    )
+
+
+@pytest.mark.parametrize("strategy", ["IND", "SEQ", "JNT", "JNT+P"])
+def test_strategies_train_and_round_trip(strategy, small_data, tmp_path):
+    config = TrainConfig(strategy=strategy, concept_hidden=(16,), max_epochs=40, patience=5, learning_rate=1e-2)
+    trained = train_cbm(small_data, config, checkpoint_dir=tmp_path)
+    assert trained.model.kind == BOTTLENECK_KIND[strategy]
+    test = small_data.split("test")
+    x = torch.as_tensor(test["features"])
+    with torch.no_grad():
+        logits, out = trained.model(x)
+    assert ((logits > 0).float() == torch.as_tensor(test["concepts"])).float().mean() > 0.85
+    assert (out.argmax(1) == torch.as_tensor(test["labels"])).float().mean() > 0.8  # chance is 1/6
+    values = trained.bottleneck(x)
+    if trained.model.kind == "prob":
+        assert values.min() >= 0 and values.max() <= 1
+    reloaded = load_cbm(tmp_path / "cbm.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(x)[1], out)
+    expected = {"IND": ["concept_model", "target_model"], "SEQ": ["concept_model", "target_model"]}.get(
+        strategy, ["joint_model"]
+    )
+    for name in expected:
+        assert (tmp_path / f"{name}.pt").is_file()
+
+
+def test_fit_stops_early_and_restores_best_weights():
+    module = nn.Linear(2, 1)
+    losses = iter([3.0, 1.0, 2.0, 2.5, 2.7, 2.8, 2.9])
+    best_weights = {}
+
+    def val_loss():
+        value = next(losses)
+        if value == 1.0:
+            best_weights["w"] = module.weight.detach().clone()
+        return value
+
+    x = torch.randn(8, 2)
+    history = fit(
+        module,
+        lambda i: module(x[i]).pow(2).mean(),
+        val_loss,
+        8,
+        TrainConfig(max_epochs=50, patience=3, batch_size=4),
+        name="m",
+    )
+    assert history == [3.0, 1.0, 2.0, 2.5, 2.7]  # stopped 3 epochs after the best
+    torch.testing.assert_close(module.weight, best_weights["w"])
+
+
+def test_train_config_errors(small_data):
+    with pytest.raises(ValueError, match="unknown training strategy 'XYZ'"):
+        TrainConfig(strategy="XYZ")
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        TrainConfig(learning_rate=0)
+    no_features = make_synthetic(
+        SyntheticConfig(n_concepts=4, n_features=4, n_classes=2, n_groups=1, samples_per_class=5)
+    )
+    no_features.features = None
+    with pytest.raises(ValueError, match="needs a data set with features"):
+        train_cbm(no_features, TrainConfig())
+
+
+def test_error_rates_against_hand_counts():
+    predicted = torch.tensor([0, 0, 1, 1, 1, 2])
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    assert error_rate(predicted, labels, 3) == pytest.approx(2 / 6)
+    # recalls: class 0 -> 1/1, class 1 -> 3/5; class 2 absent from labels
+    assert error_rate(predicted, labels, 3, balanced=True) == pytest.approx(1 - (1 + 0.6) / 2)
+    with pytest.raises(ValueError, match="does not match"):
+        error_rate(predicted[:3], labels, 3)
+
+
+def test_curve_summaries():
+    x = np.array([0.0, 1.0, 2.0, 4.0])
+    error = np.array([0.5, 0.3, 0.2, 0.0])
+    assert area_under_curve(x, error) == pytest.approx((0.4 * 1 + 0.25 * 1 + 0.1 * 2) / 4)
+    assert error_at(x, error, 3.0) == 0.2
+    assert interventions_to_reach(x, error, 0.25) == 2.0
+    assert interventions_to_reach(x, error, -0.1) is None
+    with pytest.raises(ValueError, match="below the first point"):
+        error_at(x, error, -1)
+    summary = summarize(x, error, budgets=[1, 4], target_error=0.1, reference_error=np.zeros(4))
+    assert summary["error_at"] == {"1": 0.3, "4": 0.0}
+    assert summary["interventions_to_target"] == 4.0
+    assert summary["gap_to_reference_auc"] == pytest.approx(area_under_curve(x, error))
+    mean, std = mean_std([np.array([1.0, 2.0]), np.array([3.0, 2.0])])
+    np.testing.assert_allclose(mean, [2, 2])
+    np.testing.assert_allclose(std, [1, 0])
