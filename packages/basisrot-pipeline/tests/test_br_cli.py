@@ -107,3 +107,49 @@ def test_demo_short_run(tmp_path):
     assert set(summary) >= {"adamw", "basis-rotation", "wall_seconds"}
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     assert (tmp_path / "adamw" / "run.json").exists() and (tmp_path / "basis-rotation" / "run.json").exists()
+
+
+def test_train_distributed_matches_emulated(tmp_path, single_thread):
+    tiny = [
+        "--set",
+        "data=random",
+        "--set",
+        "model.vocab_size=32",
+        "--set",
+        "model.block_size=8",
+        "--set",
+        "model.n_layer=2",
+        "--set",
+        "model.n_embd=16",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "eval_batches=1",
+        "--set",
+        "checkpoint_every=3",
+    ]
+    for runtime in ("emulated", "distributed"):
+        assert (
+            main(
+                [
+                    "train",
+                    "--stages",
+                    "2",
+                    "--steps",
+                    "5",
+                    "--runtime",
+                    runtime,
+                    "--output-dir",
+                    str(tmp_path / runtime),
+                    *tiny,
+                ]
+            )
+            == 0
+        )
+    emulated = json.loads((tmp_path / "emulated" / "run.json").read_text())["metrics"]["train_losses"]
+    record = json.loads((tmp_path / "distributed" / "run.json").read_text())
+    assert record["metrics"]["train_losses"] == pytest.approx(emulated, abs=1e-5)
+    assert record["runtime"] == "distributed"
+    assert (tmp_path / "distributed" / "checkpoints" / "step_00000003" / "stage_1.pt").exists()
