@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from shin_common import provenance
 
 from recon_prune import PruneConfig, build_calibration, prune
 from recon_prune.sparsegpt import SparseGPT
 from recon_prune.tiny_model import load_model_and_tokenizer
+from shin_common import provenance
 
 ROOT = Path(__file__).resolve().parents[2]
 
