@@ -59,6 +59,10 @@ def test_sparse_and_regression_runs():
     )
     _, regression = train_lib.train(config)
     assert regression["metric"] == "test_loss" and regression["best_test"] >= 0
+    resnet = TrainConfig(**{**SMALL, "epochs": 1}, model="resnet", filters=4, blocks=[1, 1])
+    model, metrics = train_lib.train(resnet)
+    assert metrics["num_params"] == sum(p.numel() for p in model.parameters())
+    assert int(model.stem[1].num_batches_tracked) == 4  # one update per SAM step (4 batches), not two
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, monkeypatch):

@@ -264,6 +264,8 @@ class SAM(torch.optim.Optimizer):
         self.zero_grad()
         with torch.enable_grad(), self._model_no_sync():
             loss = closure()
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()  # the graph is gone after backward; callers log the value
         if grad_scaler is not None and grad_scaler.is_enabled():
             return self._scaled_second_half(closure, loss, grad_scaler)
         self.first_step(zero_grad=True)
