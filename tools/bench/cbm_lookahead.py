@@ -26,7 +26,7 @@ from cbm_intervene.intervention import (
     run_intervention,
     score_concepts,
 )
-from shin_common import write_json_atomic
+from shin_common import provenance
 
 
 def loop_ectp(values, probs, target, low, high):
@@ -120,12 +120,16 @@ def main() -> None:
         lines.append(
             f"| {criterion} | " + " | ".join(f"{by[criterion, lv]:.2f} s" for lv in ("I+S", "G+S", "I+B", "G+B")) + " |"
         )
+    record = provenance(config=vars(args), packages=("cbm-intervene", "shin-common", "torch", "numpy"))
+    git = record["git"] or {}
+    lines += [
+        "",
+        f"Provenance: cbm-intervene {record['versions']['cbm-intervene']}, git {git.get('commit', 'unknown')[:12]}"
+        f"{' (dirty)' if git.get('dirty') else ''}, host {record['host']['platform']}, {record['host']['cpu_count']} CPUs, "
+        f"{record['created']}.",
+    ]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
-    write_json_atomic(
-        Path(args.output).with_suffix(".json"),
-        {"loop_s": loop_s, "batched_s": batched_s, "max_diff": max_diff, "runs": rows, "n": n, "k": k, "m": m},
-    )
     print("\n".join(lines))
     assert math.isfinite(batched_s)
 

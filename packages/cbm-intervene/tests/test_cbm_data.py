@@ -300,3 +300,29 @@ def test_predictions_bad_inputs(prob_predictions):
         ConceptPredictions(**{**fields, "values": torch.full((12, 6), float("nan"))})
     with pytest.raises(ValueError, match="visibility shape"):
         ConceptPredictions(**{**fields, "visibility": torch.ones(12, 2)})
+
+
+def test_cub_fixture_through_the_engine(tmp_path):
+    """Loader -> predictions -> group-level intervention with visibility and instance-level truth."""
+    from cbm_intervene.intervention import InterventionConfig, run_intervention
+
+    write_cub(tmp_path)
+    data = load_cub(tmp_path, min_classes=1)
+    test = data.split("test")
+    k = data.n_concepts
+    probs = torch.full((len(test["labels"]), k), 0.5)
+    target = torch.nn.Linear(k, data.n_classes)
+    for truth in ("concepts", "instance_concepts"):
+        predictions = ConceptPredictions(
+            values=probs,
+            kind="prob",
+            true_concepts=test[truth],
+            labels=test["labels"],
+            n_classes=data.n_classes,
+            groups=data.groups,
+            visibility=test["visibility"],
+        )
+        curve = run_intervention(predictions, target, InterventionConfig(criterion="UCP", level="G+S"))
+        assert (curve.unit_counts[-1] == data.groups.n_groups).all()
+        expected = torch.where(torch.as_tensor(test["visibility"]), torch.as_tensor(test[truth]), torch.zeros(()))
+        torch.testing.assert_close(curve.final_values, expected)  # not visible -> nullified
