@@ -149,10 +149,11 @@ def test_rand_is_seeded_uniform(prob_predictions, target):
 
 
 def test_forward_pass_counts():
-    assert get_criterion("ECTP").forward_passes(10) == 20
-    assert get_criterion("EUDTP").forward_passes(3) == 6
-    assert get_criterion("UCP").forward_passes(10) == 0
-    assert get_criterion("CCTP").forward_passes(10) == 2
+    assert get_criterion("ECTP").forward_passes(10, 4) == 20
+    assert get_criterion("EUDTP").forward_passes(3, 4) == 6
+    assert get_criterion("UCP").forward_passes(10, 4) == 0
+    assert get_criterion("CCTP").forward_passes(10, 4) == 5  # one forward, one backward per class
+    assert get_criterion("CCTP_FIRST_LAYER").forward_passes(10, 4) == 0
 
 
 def test_registry_adds_a_policy_in_a_few_lines(prob_predictions, target):

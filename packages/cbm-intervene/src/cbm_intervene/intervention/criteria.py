@@ -10,7 +10,7 @@ the replacement value of ``v``.
 RAND     a uniform random score (random order)                                      0 passes
 UCP      ``1 / |p_i - 0.5|`` (uncertainty of concept prediction)                   0 passes
 LCP      ``|p_i - c_i|`` (loss; needs the true concepts -- an oracle reference)     0 passes
-CCTP     ``sum_j |c_hat_i * d f_j / d c_hat_i|`` (contribution to the target)       forward + backward
+CCTP     ``sum_j |c_hat_i * d f_j / d c_hat_i|`` (contribution to the target)       1 + M passes
 ECTP     ``(1-p_i) KL(f(c_hat|c_i=0) || f(c_hat)) + p_i KL(f(c_hat|c_i=1) || f(c_hat))``  2K passes
 EUDTP    ``H(f(c_hat)) - [(1-p_i) H(f(c_hat|c_i=0)) + p_i H(f(c_hat|c_i=1))]``     2K passes
 ======== ========================================================================= ============
@@ -19,7 +19,7 @@ CCTP here takes the exact gradient of f by autograd, so it is right for any f; `
 reproduces the authors' code, which multiplies by the first linear layer's weights (exact only for
 a linear f). Add a criterion with :func:`register_criterion`::
 
-    @register_criterion("MARGIN", forward_passes=lambda n_candidates: 0)
+    @register_criterion("MARGIN", forward_passes=lambda n_candidates, n_classes: 0)
     def margin(ctx):
         return -(ctx.probs - 0.5).abs()
 """
@@ -62,8 +62,9 @@ class ScoringContext:
 class Criterion:
     name: str
     score: Callable[[ScoringContext], torch.Tensor]
-    #: passes of f per sample needed to score ``n_candidates`` concepts (the cost model's tau_f count)
-    forward_passes: Callable[[int], int]
+    #: passes of f (forward or backward) per sample needed to score ``n_candidates`` concepts of an f
+    #: with ``n_classes`` outputs: the count the cost model charges tau_f for
+    forward_passes: Callable[[int, int], int]
     needs_true_concepts: bool = False
     #: True when scores depend on the random generator (then runs over seeds differ)
     stochastic: bool = False
@@ -75,7 +76,7 @@ CRITERIA: dict[str, Criterion] = {}
 def register_criterion(
     name: str,
     *,
-    forward_passes: Callable[[int], int] = lambda n_candidates: 0,
+    forward_passes: Callable[[int, int], int] = lambda n_candidates, n_classes: 0,
     needs_true_concepts: bool = False,
     stochastic: bool = False,
     overwrite: bool = False,
@@ -125,11 +126,11 @@ def loss_scores(ctx: ScoringContext) -> torch.Tensor:
     return (ctx.probs - ctx.true_concepts).abs()
 
 
-def _forward_backward(n_candidates: int) -> int:
-    return 2
+def _forward_and_backward_per_class(n_candidates: int, n_classes: int) -> int:
+    return 1 + n_classes
 
 
-@register_criterion("CCTP", forward_passes=_forward_backward)
+@register_criterion("CCTP", forward_passes=_forward_and_backward_per_class)
 def contribution_scores(ctx: ScoringContext) -> torch.Tensor:
     """``sum_j |c_hat_i * df_j/dc_hat_i|`` with the exact Jacobian of f (rows of f are independent,
     so one backward pass per output class yields every sample's gradient at once)."""
@@ -157,7 +158,7 @@ def first_layer_contribution_scores(ctx: ScoringContext) -> torch.Tensor:
     return ctx.values.abs() * weight.abs().sum(0)
 
 
-def _two_per_candidate(n_candidates: int) -> int:
+def _two_per_candidate(n_candidates: int, n_classes: int) -> int:
     return 2 * n_candidates
 
 

@@ -310,7 +310,7 @@ def run_intervention(
         masked = torch.where(unit_eligible, unit_scores(changed, values, probs), -torch.inf)
         order = _stable_descending(masked.flatten() if config.is_batch_level else masked)
         n_eligible = unit_eligible.sum(1)
-        static_passes = criterion.forward_passes(k)
+        static_passes = criterion.forward_passes(k, predictions.n_classes)
     for t in range(1, n_steps + 1):
         if order is not None:  # static: a prefix of the initial order
             if config.is_batch_level:
@@ -324,7 +324,7 @@ def run_intervention(
             if not open_units.any():
                 break
             candidates = (~changed & askable).sum(1).float().mean().item()
-            spent = passes[-1] + criterion.forward_passes(round(candidates))
+            spent = passes[-1] + criterion.forward_passes(round(candidates), predictions.n_classes)
             masked = torch.where(open_units, unit_scores(changed, values, probs), -torch.inf)
             if config.is_batch_level:
                 picks = _stable_descending(masked.flatten())[: min(n, int(open_units.sum()))]
