@@ -144,3 +144,57 @@ def test_cli_help_and_unsupported_model(tmp_path, capsys) -> None:
         == 2
     )
     assert "missing" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_demo_on_a_small_model(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--nsamples",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-chunks",
+        "2",
+        "--self-generated",
+        "2",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| sparsegpt | br+gp+cr | " in printed and "| wanda | none | " in printed and "self-gen" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["metrics"]["runs"]) == 11
+    assert (out / "demo_table.md").is_file() and (out / "error_per_block.png").is_file()
+
+
+def test_config_file_and_overrides(model_dir, tmp_path) -> None:
+    config_file = tmp_path / "prune.yaml"
+    config_file.write_text("method: wanda\npattern: '4:8'\nreconstruction: br\nepochs: 1\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--config",
+        str(config_file),
+        "--set",
+        "seed=3",
+        "--eval",
+        "none",
+        "--nsamples",
+        "4",
+        "--seq-len",
+        "32",
+    ]
+    assert main(args) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["method"], config["pattern"], config["reconstruction"], config["seed"]) == ("wanda", "4:8", "br", 3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: wanda\nsparsity_ratio: 0.5\n", encoding="utf-8")
+    assert main(["prune", "--model", str(model_dir), "--output-dir", str(tmp_path / "o2"), "--config", str(bad)]) == 2

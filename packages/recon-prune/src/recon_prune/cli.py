@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nsamples", type=int, default=32, help="calibration samples (default: 32)")
     demo.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default: 256)")
     demo.add_argument("--eval-chunks", type=int, default=64, help="held-out chunks of 256 bytes (default: 64)")
+    demo.add_argument(
+        "--self-generated",
+        type=int,
+        default=32,
+        help="add a SparseGPT BR+GP+CR run with this many self-generated samples; 0 skips it (default: 32)",
+    )
     return parser
 
 
@@ -129,10 +135,15 @@ def _load(model_name: str) -> tuple[Any, Any]:
     return load_model_and_tokenizer(model_name)
 
 
+_HELDOUT: list[tuple[str, Any, Any]] = []  # (source, tokenizer, ids): the tokenizer is held, so identity is safe
+
+
 def _heldout_ppl(model: Any, tokenizer: Any, source: str, seq_len: int, max_chunks: int | None) -> dict[str, Any]:
     from recon_prune.evaluate import heldout_ids, perplexity
 
-    result = perplexity(model, heldout_ids(source, tokenizer), seq_len=seq_len, max_chunks=max_chunks)
+    if not _HELDOUT or _HELDOUT[0][0] != source or _HELDOUT[0][1] is not tokenizer:  # tokenize once per command
+        _HELDOUT[:] = [(source, tokenizer, heldout_ids(source, tokenizer))]
+    result = perplexity(model, _HELDOUT[0][2], seq_len=seq_len, max_chunks=max_chunks)
     result["dataset"] = source
     return result
 
@@ -186,12 +197,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model)
     seq_len = args.seq_len or max_positions(model) or 1024
     result: dict[str, Any] = {"perplexity": _heldout_ppl(model, tokenizer, args.dataset, seq_len, args.max_chunks)}
-    result["sparsity"] = sparsity_report(model)["overall"]
+    result["sparsity"] = sparsity_report(model)
     if args.tasks:
         result["zero_shot"] = zero_shot(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()])
     print(
         f"{args.model}: perplexity {result['perplexity']['perplexity']:.4f} on {args.dataset} "
-        f"({result['perplexity']['chunks']} chunks of {seq_len}); sparsity {result['sparsity']:.4f}"
+        f"({result['perplexity']['chunks']} chunks of {seq_len}); sparsity {result['sparsity']['overall']:.4f}"
     )
     if args.output is not None:
         write_run_record(args.output, config=vars(args), metrics=result)
@@ -219,7 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from recon_prune.calibration import build_calibration
-    from recon_prune.driver import prune
+    from recon_prune.driver import max_positions, prune
     from recon_prune.outputs import check_output_dir, commit_dir, plot_block_errors, staging_dir
 
     target = check_output_dir(args.output_dir, args.overwrite)
@@ -227,45 +238,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model)
     print(f"model ready after {time.perf_counter() - started:.0f} s")
     calibration = build_calibration("stdlib", tokenizer=tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=0)
-    dense = _heldout_ppl(model, tokenizer, "stdlib", 256, args.eval_chunks)
+    eval_len = min(256, max_positions(model) or 256)
+    dense = _heldout_ppl(model, tokenizer, "stdlib", eval_len, args.eval_chunks)
     rows: list[dict[str, Any]] = []
     errors: dict[str, list[float | None]] = {}
-    for method in ("sparsegpt", "wanda"):
-        for reconstruction in DEMO_RECONSTRUCTIONS:
-            config = PruneConfig(
-                method=method,
-                sparsity=0.5,
-                reconstruction=reconstruction,
-                preset="cpu",
-                nsamples=args.nsamples,
-                seq_len=args.seq_len,
-                seed=0,
-            )
-            pruned = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            report = prune(pruned, calibration, config)
-            ppl = _heldout_ppl(pruned, tokenizer, "stdlib", 256, args.eval_chunks)
-            rows.append(
-                {
-                    "method": method,
-                    "reconstruction": reconstruction,
-                    "perplexity": ppl["perplexity"],
-                    "final_block_error": report.final_block_error,
-                    "block_errors": report.block_errors,
-                    "sparsity": report.sparsity["overall"],
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            errors[f"{method} {reconstruction}"] = report.block_errors
-            print(
-                f"{method:9s} {reconstruction:9s} ppl {ppl['perplexity']:8.3f}  final-block error {report.final_block_error:.4g}"
-            )
+    runs = [(m, r, r, calibration) for m in ("sparsegpt", "wanda") for r in DEMO_RECONSTRUCTIONS]
+    if args.self_generated:
+        from recon_prune.calibration import CalibrationData, generate_self_calibration
+
+        generated = generate_self_calibration(model, tokenizer, args.self_generated, args.seq_len, seed=0)
+        mixed = CalibrationData(input_ids=calibration.input_ids, generated_ids=generated, sources=calibration.sources)
+        runs.append(("sparsegpt", "br+gp+cr", f"br+gp+cr +{args.self_generated} self-gen", mixed))
+    for method, reconstruction, label, calib in runs:
+        config = PruneConfig(
+            method=method,
+            sparsity=0.5,
+            reconstruction=reconstruction,
+            preset="cpu",
+            nsamples=args.nsamples,
+            seq_len=args.seq_len,
+            seed=0,
+        )
+        pruned = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        report = prune(pruned, calib, config)
+        ppl = _heldout_ppl(pruned, tokenizer, "stdlib", eval_len, args.eval_chunks)
+        rows.append(
+            {
+                "method": method,
+                "reconstruction": label,
+                "perplexity": ppl["perplexity"],
+                "final_block_error": report.final_block_error,
+                "block_errors": report.block_errors,
+                "sparsity": report.sparsity["overall"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        errors[f"{method} {label}"] = report.block_errors
+        print(f"{method:9s} {label:9s} ppl {ppl['perplexity']:8.3f}  final-block error {report.final_block_error:.4g}")
     for row in rows:
         base = next(r for r in rows if r["method"] == row["method"] and r["reconstruction"] == "none")
         row["error_reduction_vs_none"] = 1.0 - row["final_block_error"] / base["final_block_error"]
     lines = [
         f"stdlib-tiny, 50% unstructured, {args.nsamples} x {args.seq_len} calibration bytes; held-out = stdlib test split, "
-        f"{dense['chunks']} chunks of 256. Dense perplexity: {dense['perplexity']:.3f}",
+        f"{dense['chunks']} chunks of {eval_len}. Dense perplexity: {dense['perplexity']:.3f}",
         "",
         "| method | reconstruction | held-out ppl | final-block error | error reduction vs none |",
         "|---|---|---|---|---|",
