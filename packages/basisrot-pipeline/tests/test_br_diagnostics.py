@@ -39,3 +39,29 @@ def test_identity_and_one_sided_rotation():
     torch.testing.assert_close(rotate_hessian(hessian, torch.eye(2, dtype=torch.float64), None), hessian)
     with pytest.raises(ValueError, match="do not fit a Hessian of size 6"):
         rotate_hessian(hessian, torch.eye(4), torch.eye(4))
+
+
+def test_parameter_misalignment_on_a_trained_tiny_model(tiny_config, tiny_batches):
+    from basisrot_pipeline.diagnostics import parameter_misalignment
+    from basisrot_pipeline.model import GPT, lm_loss
+    from basisrot_pipeline.optim import BasisRotation, rotation_param_groups
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    optimizer = BasisRotation(rotation_param_groups(model), lr=1e-2)
+    for m in range(3):
+        x, y = tiny_batches.batch(m)
+        lm_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x, y = tiny_batches.batch(0)
+    name = "blocks.0.attn.proj.weight"  # 16 x 16: a 256 x 256 Hessian block
+    unrotated = parameter_misalignment(model, name, x, y)
+    result = parameter_misalignment(model, name, x, y, optimizer)
+    assert unrotated["original"] == unrotated["rotated"] == pytest.approx(result["original"])
+    # an orthogonal change of basis keeps the trace and the Frobenius norm, not the (1,1)-norm
+    assert result["rotated"] != pytest.approx(result["original"], rel=1e-3)
+    with pytest.raises(ValueError, match="expected a matrix"):
+        parameter_misalignment(model, "blocks.0.ln_1.weight", x, y)
+    with pytest.raises(ValueError, match="no parameter 'nope'"):
+        parameter_misalignment(model, "nope", x, y)

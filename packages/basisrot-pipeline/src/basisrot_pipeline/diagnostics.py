@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def block_hessian(loss_of_weight: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
@@ -60,3 +61,35 @@ def misalignment(
         "ratio": rotated_norm / original_norm if original_norm else float("nan"),
         "trace": float(torch.trace(hessian)),
     }
+
+
+def parameter_misalignment(
+    model: torch.nn.Module,
+    parameter_name: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """Misalignment of one weight matrix of ``model`` on a batch, in the bases ``optimizer`` holds for it.
+
+    The loss is the model's next-token cross-entropy with only ``parameter_name`` varied
+    (``torch.func.functional_call``). Without an optimizer, or before its first refresh, the rotated
+    coordinates are the original ones.
+    """
+    from basisrot_pipeline.model import lm_loss
+
+    params = dict(model.named_parameters())
+    if parameter_name not in params:
+        raise ValueError(f"model has no parameter {parameter_name!r}")
+    weight = params[parameter_name]
+    if weight.ndim != 2:
+        raise ValueError(f"{parameter_name!r} has shape {tuple(weight.shape)}; expected a matrix")
+    fixed = {k: v.detach() for k, v in params.items() if k != parameter_name}
+
+    def loss_of_weight(w: torch.Tensor) -> torch.Tensor:
+        return lm_loss(torch.func.functional_call(model, {**fixed, parameter_name: w}, (inputs,)), targets)
+
+    state = optimizer.state.get(weight, {}) if optimizer is not None else {}
+    # torch.func.hessian is forward-over-reverse; only the math attention kernel has forward AD
+    with sdpa_kernel(SDPBackend.MATH):
+        return misalignment(loss_of_weight, weight, state.get("basis_left"), state.get("basis_right"))
