@@ -202,6 +202,10 @@ def _baked_state(block: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _block_state(block: nn.Module, masks: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    return {"weights": _baked_state(block), "masks": {k: v for k, v in masks.items() if k.startswith(prefix)}}
+
+
 class _Checkpoint:
     """Atomic per-block checkpoint: block states, masks, activation buffers, running report."""
 
@@ -258,6 +262,45 @@ def _fingerprint(model: nn.Module, data: CalibrationData, config: PruneConfig) -
     return digest.hexdigest()
 
 
+@dataclass
+class _Window:
+    """CR state carried to the next block: the provisional block i-1, its dense copy and its input."""
+
+    block: nn.Module | None = None
+    dense: nn.Module | None = None
+    sparse_in: torch.Tensor | None = None
+
+
+def _restore(
+    saved: dict[str, Any],
+    blocks: nn.ModuleList,
+    path: str,
+    config: PruneConfig,
+    report: PruneReport,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, _Window]:
+    """Load finished blocks, masks, buffers and the running report from a checkpoint."""
+    start = saved["next_block"]
+    for index, state in saved["block_states"].items():
+        if config.uses_cr and index == start - 1:  # the provisional block is kept in float32
+            blocks[index].to(torch.float32)
+        blocks[index].load_state_dict(state["weights"])
+        report.masks.update(state["masks"])
+    buffers = saved["buffers"]
+    for key in ("block_errors", "reconstruction"):
+        setattr(report, key, saved["report"][key])
+    report.resumed_from_block = start
+    window = _Window()
+    if config.uses_cr and start > 0:
+        block = blocks[start - 1].to(device, torch.float32)
+        dense = copy.deepcopy(block)
+        dense.load_state_dict(buffers["prev_dense_state"])
+        for name, module in find_linears(block).items():
+            apply_mask(module, report.masks[f"{path}.{start - 1}.{name}"])
+        window = _Window(block=block, dense=dense, sparse_in=buffers["prev_sparse_in"])
+    return buffers["sparse_in"], buffers["dense_in"], window
+
+
 def prune(
     model: nn.Module,
     calibration: CalibrationData | torch.Tensor,
@@ -305,34 +348,16 @@ def prune(
     saved = checkpoint.load() if checkpoint is not None else None
     model_dtype = next(blocks[0].parameters()).dtype
 
-    prev_block: nn.Module | None = None
-    prev_dense: nn.Module | None = None
-    prev_sparse_in: torch.Tensor | None = None
     if saved is None:
         start = 0
         sparse_in, replay = capture_block_inputs(model, all_ids, device=device, offload_device=offload)
         sparse_in = sparse_in.float()
         dense_in = sparse_in.clone()
+        window = _Window()
     else:
         start = saved["next_block"]
         _, replay = capture_block_inputs(model, all_ids[:1], device=device, offload_device=offload)
-        for index, state in saved["block_states"].items():
-            if config.uses_cr and index == start - 1:  # the provisional block is kept in float32
-                blocks[index].to(torch.float32)
-            blocks[index].load_state_dict(state["weights"])
-            report.masks.update(state["masks"])
-        buffers = saved["buffers"]
-        sparse_in, dense_in = buffers["sparse_in"], buffers["dense_in"]
-        for key in ("block_errors", "reconstruction"):
-            setattr(report, key, saved["report"][key])
-        report.resumed_from_block = start
-        if config.uses_cr and start > 0:
-            prev_block = blocks[start - 1].to(device, torch.float32)
-            prev_dense = copy.deepcopy(prev_block)
-            prev_dense.load_state_dict(buffers["prev_dense_state"])
-            for name, module in find_linears(prev_block).items():
-                apply_mask(module, report.masks[f"{path}.{start - 1}.{name}"])
-            prev_sparse_in = buffers["prev_sparse_in"]
+        sparse_in, dense_in, window = _restore(saved, blocks, path, config, report, device)
         log.info("resuming from checkpoint %s at block %d", checkpoint_dir, start)
     replay_dev = replay.to(device)
 
@@ -344,22 +369,22 @@ def prune(
         dense_block = copy.deepcopy(block)
         dense_out = _forward([dense_block], replay_dev, dense_in, device, batch)
         stats = _collect_stats(block, config.method, replay_dev, sparse_in[:n_real], device, batch)
-        block_masks = _prune_block(block, stats, config, prefix)
-        report.masks.update(block_masks)
+        report.masks.update(_prune_block(block, stats, config, prefix))
         del stats
         seed = config.seed * 1_000_003 + i
         step_report: dict[str, float] = {"block": float(i)}
         finished: dict[int, nn.Module] = {}
-        if config.uses_cr:
-            window = [prev_block, block] if prev_block is not None else [block]
-            window_in = prev_sparse_in if prev_block is not None else sparse_in
-            dense_window = [prev_dense, dense_block] if prev_dense is not None else [dense_block]
-            target = dense_out if config.uses_gp else _forward(dense_window, replay_dev, window_in, device, batch)
-            step_report |= train_blocks(window, replay_dev, window_in, target, hparams, device=device, seed=seed)
-            if prev_block is not None:
-                sparse_in = _forward([prev_block], replay_dev, prev_sparse_in, device, batch)
+        if config.uses_cr:  # train the window (block i-1, block i) from the sparse inputs of block i-1
+            prev = window.block
+            sparse_blocks = [prev, block] if prev is not None else [block]
+            window_in = window.sparse_in if prev is not None else sparse_in
+            dense_blocks = [window.dense, dense_block] if prev is not None else [dense_block]
+            target = dense_out if config.uses_gp else _forward(dense_blocks, replay_dev, window_in, device, batch)
+            step_report |= train_blocks(sparse_blocks, replay_dev, window_in, target, hparams, device=device, seed=seed)
+            if prev is not None:  # block i-1 is final now: its output is block i's input
+                sparse_in = _forward([prev], replay_dev, window.sparse_in, device, batch)
                 report.block_errors[i - 1] = mse(sparse_in[:n_real], dense_in[:n_real])
-                finished[i - 1] = prev_block
+                finished[i - 1] = prev
         elif config.uses_block_training:
             target = dense_out if config.uses_gp else _forward([dense_block], replay_dev, sparse_in, device, batch)
             step_report |= train_blocks([block], replay_dev, sparse_in, target, hparams, device=device, seed=seed)
@@ -369,28 +394,22 @@ def prune(
         last = i == len(blocks) - 1
         if not config.uses_cr or last:
             finished[i] = block
-        block_states: dict[int, Any] = {}
-        for index, done in finished.items():
+        for done in finished.values():
             bake_masks(done)
             done.to(offload, model_dtype)
-            block_states[index] = {
-                "weights": _baked_state(done),
-                "masks": {k: v for k, v in report.masks.items() if k.startswith(f"{path}.{index}.")},
-            }
-        buffers: dict[str, Any] = {"sparse_in": sparse_out, "dense_in": dense_out}
-        if config.uses_cr and not last:
-            block_states[i] = {"weights": _baked_state(block), "masks": block_masks}
-            buffers |= {"prev_sparse_in": sparse_in, "prev_dense_state": _baked_state(dense_block)}
-            prev_block, prev_dense, prev_sparse_in = block, dense_block, sparse_in
+        keep_window = config.uses_cr and not last
+        if checkpoint is not None:
+            states = {index: _block_state(done, report.masks, f"{path}.{index}.") for index, done in finished.items()}
+            buffers: dict[str, Any] = {"sparse_in": sparse_out, "dense_in": dense_out}
+            if keep_window:  # the provisional block i, the dense block i and block i's input
+                states[i] = _block_state(block, report.masks, f"{prefix}.")
+                buffers |= {"prev_sparse_in": sparse_in, "prev_dense_state": _baked_state(dense_block)}
+            progress_so_far = {"block_errors": report.block_errors, "reconstruction": report.reconstruction}
+            checkpoint.save(i + 1, states, buffers, progress_so_far)
+        if keep_window:
+            window = _Window(block=block, dense=dense_block, sparse_in=sparse_in)
         sparse_in, dense_in = sparse_out, dense_out
         report.elapsed_s = time.perf_counter() - started
-        if checkpoint is not None:
-            checkpoint.save(
-                i + 1,
-                block_states,
-                buffers,
-                {"block_errors": report.block_errors, "reconstruction": report.reconstruction},
-            )
         log.info("block %d/%d: error %.4g", i + 1, len(blocks), report.block_errors[i])
         if block_callback is not None:
             block_callback(i, report)
