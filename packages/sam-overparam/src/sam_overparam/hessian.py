@@ -93,8 +93,8 @@ class HessianOperator:
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):
             loss = self.loss_fn(self.model, self.batches[index])
             grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, self._split(vector), strict=True))
-            hv = torch.autograd.grad(dot, self.params)
+            # d/dw <grad L, v> = H v; passing v as grad_outputs avoids building the dot product
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=self._split(vector))
         return torch.cat([h.reshape(-1) for h in hv]).detach()
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
