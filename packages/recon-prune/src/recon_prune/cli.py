@@ -49,6 +49,9 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="reconstruction epochs (default: from the preset)")
     parser.add_argument("--seed", type=int, help="seed (default: 0)")
     parser.add_argument("--device", help="compute device: auto, cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--offload-device", help="where activations and idle blocks live (default: cpu)")
+    parser.add_argument("--dtype", help="dtype of the saved model: auto, float32, bfloat16, float16 (default: auto)")
+    parser.add_argument("--lr", type=float, help="reconstruction learning rate (default: from the preset)")
     parser.add_argument(
         "--calibration",
         default="stdlib",
@@ -124,6 +127,9 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         "epochs": args.epochs,
         "seed": args.seed,
         "device": args.device,
+        "offload_device": args.offload_device,
+        "dtype": args.dtype,
+        "lr": args.lr,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     return load_config(PruneConfig, args.config, overrides)
