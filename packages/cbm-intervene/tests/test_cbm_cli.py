@@ -56,6 +56,15 @@ def test_train_then_intervene(tmp_path, capsys):
     assert "gap_to_reference_auc" in result["metrics"]["I+S"]["ECTP"]
     assert (out / "intervention.png").is_file() and (out / "intervention_cost.png").is_file()
     assert "results:" in capsys.readouterr().out
+    # a rerun reuses every finished cell from cells.jsonl (here: all 12) and gives the same curves
+    cells = (out / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 12
+    assert (
+        main([*argv, "--criteria", "RAND", "LCP", "ECTP", "--budgets", "2", "--target-error", "0.5", "--tau-f", "0.1"])
+        == 0
+    )
+    assert (out / "cells.jsonl").read_text().splitlines() == cells
+    assert json.loads((out / "intervention.json").read_text())["curves"] == result["curves"]
 
 
 def test_bad_cli_inputs(tmp_path):

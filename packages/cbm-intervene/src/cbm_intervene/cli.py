@@ -28,7 +28,7 @@ from cbm_intervene.intervention import LEVELS, CostModel, InterventionConfig, av
 from cbm_intervene.intervention.engine import CONCEPTUALIZATIONS, GROUP_SCORES, METRICS, NOT_VISIBLE, ORDERINGS
 from cbm_intervene.models import TrainConfig, TrainedCBM, train_cbm
 from cbm_intervene.plots import plot_grid
-from shin_common import load_config, seed_everything, setup_logging, write_run_record
+from shin_common import JsonlStore, load_config, seed_everything, setup_logging, write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         models.append((predictions, target))
     levels = args.levels or [lv for lv in LEVELS if lv.startswith("I") or models[0][0].groups is not None]
     base = _intervention_base(args)
+    out = Path(args.output_dir)
     results = evaluate_grid(
         models,
         criteria=args.criteria,
@@ -146,8 +147,12 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         budgets=args.budgets,
         target_error=args.target_error,
+        store=JsonlStore(out / "cells.jsonl"),
+        run_tag={
+            "predictions": [str(Path(p).resolve()) for p in args.predictions],
+            "true_concepts": args.true_concepts,
+        },
     )
-    out = Path(args.output_dir)
     config = {
         "predictions": args.predictions,
         "criteria": args.criteria,
@@ -299,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    intervene = sub.add_parser("intervene", help="evaluate criteria x levels on saved predictions")
+    intervene = sub.add_parser(
+        "intervene",
+        help="evaluate criteria x levels on saved predictions (finished cells are kept in OUTPUT_DIR/cells.jsonl "
+        "and reused when the same command runs again)",
+    )
     intervene.add_argument(
         "--predictions",
         nargs="+",

@@ -19,6 +19,7 @@ from torch import nn
 from cbm_intervene.data.predictions import ConceptPredictions
 from cbm_intervene.intervention import InterventionConfig, get_criterion, run_intervention
 from cbm_intervene.metrics import mean_std, summarize
+from shin_common import JsonlStore, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,17 @@ def evaluate_grid(
     seeds: Sequence[int] = (0,),
     budgets: Sequence[float] = (),
     target_error: float | None = None,
+    store: JsonlStore | None = None,
+    run_tag: Any = None,
 ) -> dict[str, Any]:
     """Run every (criterion, level) on every model, over ``seeds`` where the run is random.
 
     Deterministic runs (no random criterion, no sampled conceptualization) are done once per
     model. Returns ``{"curves": {level: {criterion: ...}}, "summary": {...}}`` ready for JSON.
+
+    With ``store``, each finished (level, criterion) cell is appended to the JSON-lines store under
+    a key made of the cell, the intervention config, the seeds and ``run_tag`` (e.g. the
+    predictions files); a rerun after an interruption reuses finished cells instead of redoing them.
     """
     if not models:
         raise ValueError("evaluate_grid needs at least one (predictions, target model) pair")
@@ -50,6 +57,16 @@ def evaluate_grid(
         curves[level], summary[level] = {}, {}
         for name in criteria:
             config = replace(base, criterion=name, level=level)
+            key = {
+                "cell": [level, config.criterion],
+                "config": to_jsonable(config),
+                "seeds": list(seeds),
+                "tag": run_tag,
+            }
+            if store is not None and (done := store.get(key)) is not None:
+                curves[level][config.criterion] = done["curve"]
+                log.info("%s %s: reused from %s", level, config.criterion, store.path)
+                continue
             random_run = get_criterion(name).stochastic or config.conceptualization == "samp"
             runs = [
                 run_intervention(predictions, target, replace(config, seed=seed))
@@ -71,6 +88,8 @@ def evaluate_grid(
             log.info(
                 "%s %s: error %.4f -> %.4f (%d runs)", level, config.criterion, error_mean[0], error_mean[-1], len(runs)
             )
+            if store is not None:
+                store.append(key, {"curve": curves[level][config.criterion]})
         reference = curves[level].get(ORACLE)
         for name, curve in curves[level].items():
             x = np.asarray(curve["concepts_per_sample"])
