@@ -43,23 +43,29 @@ def worker(rank: int, out_dir: str, port: int) -> None:
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == WORLD_SIZE, accelerator.state
-    model = build_model()
-    optimizer_model = accelerator.prepare(model)
-    opt = SAM(optimizer_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=optimizer_model)
-    opt = accelerator.prepare(opt)
     x, y = global_batch()
     shard = slice(rank * 8, (rank + 1) * 8)
-    for _ in range(2):
+    results = {}
+    for mode in ("per_device", "chunked"):
+        model = accelerator.prepare(build_model())
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
+        opt = accelerator.prepare(opt)
 
-        def closure():
-            loss = F.cross_entropy(optimizer_model(x[shard]), y[shard])
+        def closure(chunk=(x[shard], y[shard]), model=model):
+            loss = F.cross_entropy(model(chunk[0]), chunk[1])
             accelerator.backward(loss)
             return loss
 
-        opt.step(closure)
+        for _ in range(2):
+            if mode == "per_device":
+                opt.step(closure)
+            else:  # two chunks of 4 per device: m = 4
+                xs, ys = x[shard], y[shard]
+                opt.optimizer.step_chunked(closure, [(xs[:4], ys[:4]), (xs[4:], ys[4:])], [0.5, 0.5])
+        unwrapped = accelerator.unwrap_model(model)
+        results[mode] = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     if rank == 0:
-        state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(optimizer_model).state_dict().items()}
-        torch.save(state, os.path.join(out_dir, "ddp.pt"))
+        torch.save(results, os.path.join(out_dir, "ddp.pt"))
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
 

@@ -34,28 +34,29 @@ def _load_worker_module():
 def test_ddp_step_equals_single_process_on_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(WORKER), str(tmp_path), str(_free_port())], check=True, env=env, timeout=240)
-    ddp_state = torch.load(tmp_path / "ddp.pt")
+    ddp_states = torch.load(tmp_path / "ddp.pt")
+    worker = _load_worker_module()
+    x, y = worker.global_batch()
 
     # Single process: each device's shard is one m-sharpness chunk (the perturbation is per device,
     # Shin et al.'s training details); the descent gradient is the average over shards.
-    worker = _load_worker_module()
-    model = worker.build_model()
-    x, y = worker.global_batch()
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
+    shards = [(x[:8], y[:8]), (x[8:], y[8:])]
+    quarters = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    for mode, chunks in (("per_device", shards), ("chunked", quarters)):
+        model = worker.build_model()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
 
-    def closure(chunk):
-        xb, yb = chunk
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        return loss
+        def closure(chunk, model=model):
+            loss = F.cross_entropy(model(chunk[0]), chunk[1])
+            loss.backward()
+            return loss
 
-    chunks = [(x[:8], y[:8]), (x[8:], y[8:])]
-    for _ in range(2):
-        opt.step_chunked(closure, chunks, [0.5, 0.5])
-    for name, value in model.state_dict().items():
-        if "running" in name or "num_batches" in name:
-            continue  # DDP broadcasts rank 0's buffers; single-process saw both shards
-        torch.testing.assert_close(ddp_state[name], value, rtol=1e-10, atol=1e-12, msg=name)
+        for _ in range(2):
+            opt.step_chunked(closure, chunks, [1 / len(chunks)] * len(chunks))
+        for name, value in model.state_dict().items():
+            if "running" in name or "num_batches" in name:
+                continue  # DDP broadcasts rank 0's buffers; single-process saw every shard
+            torch.testing.assert_close(ddp_states[mode][name], value, rtol=1e-10, atol=1e-12, msg=f"{mode}: {name}")
 
 
 def test_per_device_perturbation_differs_from_global_one():

@@ -120,8 +120,10 @@ def test_first_and_second_step_equal_closure_step(mlp_factory, batch_factory):
         assert torch.equal(p, q)
 
 
-def test_batchnorm_statistics_come_from_clean_pass_only(mlp_factory, batch_factory):
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average, broken by momentum=0 tricks
+def test_batchnorm_statistics_come_from_clean_pass_only(mlp_factory, batch_factory, momentum):
     model = mlp_factory(batchnorm=True)
+    model[1].momentum = momentum
     reference = copy.deepcopy(model)
     x, y = batch_factory()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model)

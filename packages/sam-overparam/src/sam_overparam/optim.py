@@ -304,7 +304,8 @@ class SAM(torch.optim.Optimizer):
         chunk size / batch size) combine the chunks' perturbed gradients
         ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
         Sec. 4.1). Returns the weighted clean loss. (Goes through :meth:`step`, so LR schedulers
-        see the step.)
+        see the step.) Under DDP (``model=`` given) the clean passes run without gradient sync and
+        the perturbed ones with it, so ``m`` is the chunk size on each device.
         """
         return self.step(closure, chunks=chunks, chunk_weights=weights)
 
@@ -319,7 +320,8 @@ class SAM(torch.optim.Optimizer):
         clean_loss = 0.0
         for chunk, weight in zip(chunks, weights, strict=True):
             self.zero_grad()
-            with torch.enable_grad():
+            # the clean pass stays local, so under DDP each device's chunk has its own perturbation
+            with torch.enable_grad(), self._model_no_sync():
                 clean_loss += weight * float(closure(chunk).detach())
             self.first_step(zero_grad=True)
             with torch.enable_grad(), frozen_batchnorm_stats(self.model):
