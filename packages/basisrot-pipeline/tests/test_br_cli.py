@@ -153,3 +153,15 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread):
     assert record["metrics"]["train_losses"] == pytest.approx(emulated, abs=1e-5)
     assert record["runtime"] == "distributed"
     assert (tmp_path / "distributed" / "checkpoints" / "step_00000003" / "stage_1.pt").exists()
+
+
+def test_train_from_yaml_config_with_custom_schedule(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "stages: 2\nschedule: custom\ncustom_delays: [2, 0]\nsteps: 3\ndata: random\nbatch_size: 2\n"
+        "eval_batches: 1\nmodel:\n  vocab_size: 16\n  block_size: 4\n  n_layer: 2\n  n_head: 1\n  n_embd: 8\n"
+        "optim:\n  name: nesterov\n"
+    )
+    assert main(["train", "--config", str(config_file), "--output-dir", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["metrics"]["delays"] == [2, 0] and record["config"]["optim"]["name"] == "nesterov"

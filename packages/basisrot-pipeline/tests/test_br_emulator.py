@@ -148,3 +148,13 @@ def test_model_config_bad_inputs():
         ModelConfig(n_embd=10, n_head=4)
     with pytest.raises(ValueError, match="n_layer must be a positive int, got 0"):
         ModelConfig(n_layer=0)
+
+
+def test_emulator_runs_thirty_two_stages(fast_optim):
+    config = ModelConfig(vocab_size=16, block_size=4, n_layer=32, n_head=1, n_embd=8)
+    delays = staleness_schedule("async-1f1b", 32)
+    _, emulator = build_emulator(config, fast_optim(), delays, total_steps=3)
+    x = torch.randint(0, 16, (2, 4))
+    losses = [emulator.step(x, x) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert [len(s) for s in emulator.stash] == [min(3, d) for d in delays]

@@ -218,3 +218,17 @@ def test_bad_inputs():
         BasisRotation(p, geometry="tri")
     with pytest.raises(ValueError, match="source must be one of"):
         OptimConfig(source="third")
+
+
+def test_stage_aware_variant_sets_each_stage_frequency(tiny_config):
+    from basisrot_pipeline.model import partition_model
+
+    stages = partition_model(GPT(tiny_config), 4)
+    delays = staleness_schedule("async-1f1b", 4)
+    config = OptimConfig(name="basis-rotation-stage-aware", precondition_frequency=10)
+    got = [
+        build_optimizer(st, config, delays=delays, stage=s).param_groups[0]["precondition_frequency"]
+        for s, st in enumerate(stages)
+    ]
+    assert got == stage_aware_frequencies(delays, 10)
+    assert got[0] < got[-1]
