@@ -147,7 +147,6 @@ def _non_block_modules(model: nn.Module, blocks_path: str) -> Iterator[nn.Module
             if name != part:
                 yield child
         node = getattr(node, part)
-    yield from model.parameters(recurse=False)  # type: ignore[misc]
 
 
 @torch.no_grad()
@@ -161,7 +160,7 @@ def capture_block_inputs(
     """Hidden states entering block 0 for every row of ``input_ids`` (on ``offload_device``) and the
     other arguments of that call (from the first row, to be replayed)."""
     path, blocks = find_decoder_blocks(model)
-    moved = [m for m in _non_block_modules(model, path) if isinstance(m, nn.Module)]
+    moved = list(_non_block_modules(model, path))
     original_devices = []
     for module in moved:
         first = next(iter(module.parameters()), None)
