@@ -70,8 +70,9 @@ class PipelineJob:
             )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps!r}")
-        if (self.checkpoint_every or self.resume_step is not None) and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every / resume_step need a checkpoint_dir")
+        needs_dir = self.checkpoint_every or self.resume_step is not None or self.stop_after is not None
+        if needs_dir and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every / resume_step / stop_after need a checkpoint_dir")
 
 
 class AsyncPipelineWorker:
