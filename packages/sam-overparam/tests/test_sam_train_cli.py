@@ -82,6 +82,8 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, monkeypatch):
         train_lib.train(config, checkpoint=tmp_path / "ckpt.pt")
     monkeypatch.setattr(train_lib, "evaluate", original_evaluate)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["epoch"] == 2
+    with pytest.raises(ValueError, match=r"written for a different config"):
+        train_lib.train(TrainConfig(**{**SMALL, "lr": 0.2}), checkpoint=tmp_path / "ckpt.pt")
     resumed_model, resumed = train_lib.train(config, checkpoint=tmp_path / "ckpt.pt")
     assert resumed["history"] == reference["history"]
     for p, q in zip(reference_model.parameters(), resumed_model.parameters(), strict=True):

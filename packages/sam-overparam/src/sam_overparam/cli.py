@@ -30,6 +30,15 @@ from shin_common import ConfigError, config_to_dict, load_config, setup_logging,
 log = logging.getLogger("sam_overparam.cli")
 
 
+def _config_fields_help() -> str:
+    import dataclasses
+
+    from sam_overparam.train import TrainConfig
+
+    defaults = TrainConfig()
+    return "\n".join(f"  {f.name}={getattr(defaults, f.name)!r}" for f in dataclasses.fields(TrainConfig))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam-overparam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train one model with SGD or SAM")
+    train = sub.add_parser(
+        "train",
+        help="train one model with SGD or SAM",
+        description="Train one model. Overrides are TrainConfig fields (YAML values):\n" + _config_fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--config", type=Path, help="YAML/JSON file with TrainConfig fields")
     train.add_argument("--output-dir", type=Path, required=True, help="where result.json, model.pt go")
     train.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. optimizer=sgd widths=[64,21]")
@@ -303,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": _train_command, "analyze": _analyze_command, "demo": _demo_command}
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
-        parser.exit(2, f"sam-overparam {args.command}: error: {exc}\n")
-    except FileNotFoundError as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"sam-overparam {args.command}: error: {exc}\n")
     return 1

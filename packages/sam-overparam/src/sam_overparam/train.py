@@ -233,6 +233,11 @@ def train(
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
     if checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
+        if state.get("config") != config_to_dict(config):
+            raise ValueError(
+                f"checkpoint {str(checkpoint_path)!r} was written for a different config; "
+                "use another output directory or delete the checkpoint"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -272,6 +277,7 @@ def train(
                     "generator": generator.get_state(),
                     "history": history,
                     "epoch": epoch + 1,
+                    "config": config_to_dict(config),
                 },
                 tmp,
             )
