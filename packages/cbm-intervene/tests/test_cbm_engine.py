@@ -207,3 +207,57 @@ def test_bad_configurations_are_rejected(prob_predictions, logit_predictions, ta
     run_intervention(no_reference, target, InterventionConfig(replacement_source="eval", max_steps=1))
     with pytest.raises(ValueError, match="expected \\(4,\\) class logits"):
         run_intervention(prob_predictions, torch.nn.Linear(6, 3), InterventionConfig())
+
+
+def test_adaptive_step_takes_argmax_of_rescored_criterion(prob_predictions, target):
+    """Step 2 of adaptive ECTP must pick, per sample, the best concept re-scored after step 1."""
+    from cbm_intervene.intervention import ScoringContext, TargetPredictor, score_concepts
+
+    config = InterventionConfig(criterion="ECTP", ordering="adaptive", max_steps=1)
+    after_one = run_intervention(prob_predictions, target, config)
+    first = after_one.final_values != prob_predictions.values  # the concept revealed at step 1
+    assert (first.sum(1) <= 1).all()
+    # reveal exactly the step-1 concept (also where the prediction already equalled the truth)
+    second_run = run_intervention(prob_predictions, target, InterventionConfig(criterion="ECTP", max_steps=1))
+    static_first = second_run.final_values != prob_predictions.values
+    assert (static_first == first).all()  # step 1 is the same for static and adaptive
+    low, high = torch.zeros(6), torch.ones(6)
+    initial = score_concepts(
+        "ECTP",
+        ScoringContext(
+            values=prob_predictions.values,
+            probs=prob_predictions.values,
+            intervened=torch.zeros(12, 6, dtype=torch.bool),
+            true_concepts=prob_predictions.true_concepts,
+            low=low,
+            high=high,
+            target_model=target,
+            log_predict=TargetPredictor(target, "prob", "soft", low, high).lookahead_log_proba,
+            generator=torch.Generator(),
+        ),
+    )
+    revealed = torch.zeros(12, 6, dtype=torch.bool)
+    revealed[torch.arange(12), initial.argmax(1)] = True
+    values = torch.where(revealed, prob_predictions.true_concepts, prob_predictions.values)
+    rescored = score_concepts(
+        "ECTP",
+        ScoringContext(
+            values=values,
+            probs=values,
+            intervened=revealed,
+            true_concepts=prob_predictions.true_concepts,
+            low=low,
+            high=high,
+            target_model=target,
+            log_predict=TargetPredictor(target, "prob", "soft", low, high).lookahead_log_proba,
+            generator=torch.Generator(),
+        ),
+    ).masked_fill(revealed, -torch.inf)
+    expected = revealed.clone()
+    expected[torch.arange(12), rescored.argmax(1)] = True
+    after_two = run_intervention(
+        prob_predictions, target, InterventionConfig(criterion="ECTP", ordering="adaptive", max_steps=2)
+    )
+    torch.testing.assert_close(
+        after_two.final_values, torch.where(expected, prob_predictions.true_concepts, prob_predictions.values)
+    )

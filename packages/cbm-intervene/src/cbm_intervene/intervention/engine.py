@@ -323,7 +323,7 @@ def run_intervention(
             open_units = unit_eligible & ~selected
             if not open_units.any():
                 break
-            candidates = (~changed & askable).sum(1).float().mean().item()
+            candidates = (~asked & askable).sum(1).float().mean().item()  # concepts still to ask about
             spent = passes[-1] + criterion.forward_passes(round(candidates), predictions.n_classes)
             masked = torch.where(open_units, unit_scores(changed, values, probs), -torch.inf)
             if config.is_batch_level:
