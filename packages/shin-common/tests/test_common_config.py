@@ -97,4 +97,98 @@ def test_n_m_patterns_stay_strings_in_files_and_overrides(tmp_path):
     path.write_text("pattern: 4:8\n")
     assert load_config(Train, path).pattern == "4:8"
     assert load_config(Train, overrides=["pattern=2:4"]).pattern == "2:4"
+
+
+def test_parse_overrides_is_the_untyped_yaml_reading():
     assert parse_overrides(["x=1_000", "y=0x10", "z=1e-3"]) == {"x": 1000, "y": 16, "z": "1e-3"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0x10", "010", "1_000", "1.10", "1e3", "yes", "on", "true", "null", "~", "0b11", "run #3", "#3", "[a", "-0"],
+)
+def test_str_field_keeps_the_override_text_exactly(text):
+    assert load_config(Train, overrides=[f"pattern={text}"]).pattern == text
+    assert load_config(Train, overrides=[f"pattern='{text}'"]).pattern == text  # quoting still works
+
+
+def test_str_items_of_a_list_keep_their_text():
+    @dataclass
+    class Names:
+        names: list[str] = field(default_factory=list)
+        by_key: dict[str, str] = field(default_factory=dict)
+
+    cfg = load_config(Names, overrides=["names=[0x10, yes, '007', 1.50]", "by_key={a: 010, b: off}"])
+    assert cfg.names == ["0x10", "yes", "007", "1.50"]
+    assert cfg.by_key == {"a": "010", "b": "off"}
+
+
+@dataclass
+class Unions:
+    label: str | int = 0
+    lr: float | str = 0.1
+    tag: str | None = None
+    out: Path | None = None
+    mode: Literal["007", "fast"] = "fast"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("label=10", 10),
+        ("label=-3", -3),
+        ("label=010", "010"),  # an int would lose the leading zero
+        ("label=0x10", "0x10"),
+        ("label=1_000", "1_000"),
+        ("label='10'", "10"),  # quoted: text
+        ("label=null", "null"),
+        ("label=ten", "ten"),
+        ("lr=1e-3", 0.001),
+        ("lr=0.5", 0.5),
+        ("lr=auto", "auto"),
+        ("lr='0.5'", "0.5"),
+        ("lr=010", "010"),
+        ("tag=null", None),
+        ("tag='null'", "null"),
+        ("tag=0x10", "0x10"),
+        ("out=2024", Path("2024")),
+        ("out=1_000", Path("1_000")),
+        ("out=null", None),
+        ("mode=007", "007"),
+    ],
+)
+def test_unions_with_str_prefer_the_other_type_only_when_spelled_plainly(override, expected):
+    key = override.split("=", 1)[0]
+    value = getattr(load_config(Unions, overrides=[override]), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_non_str_values_from_files_and_round_trips_keep_their_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("label: 7\nlr: 0.25\n")
+    cfg = load_config(Unions, path)
+    assert (cfg.label, cfg.lr) == (7, 0.25) and type(cfg.label) is int
+    assert apply_overrides(Unions(label=5), ["tag=x"]) == Unions(label=5, tag="x")
+
+
+def test_non_str_fields_still_read_yaml_numbers():
+    cfg = load_config(Train, overrides=["epochs=0x10", "optim.lr=1_0", "verbose=yes"])
+    assert (cfg.epochs, cfg.optim.lr, cfg.verbose) == (16, 10.0, True)
+
+
+@dataclass
+class Derived:
+    width: int = 4
+    inner: Optim = field(default_factory=Optim)
+    area: int = field(init=False)
+
+    def __post_init__(self):
+        self.area = self.width * self.width
+
+
+def test_apply_overrides_recomputes_init_false_fields():
+    cfg = apply_overrides(Derived(width=3), ["width=5", "inner.lr=0.2"])
+    assert (cfg.width, cfg.area, cfg.inner.lr) == (5, 25, 0.2)
+    assert apply_overrides(Derived(width=3), []) == Derived(width=3)
+    with pytest.raises(ConfigError, match=r"config key area cannot be set: Derived computes it \(init=False\)"):
+        apply_overrides(Derived(), ["area=1"])

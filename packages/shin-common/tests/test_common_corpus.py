@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,3 +98,43 @@ def test_bad_fractions():
         TextCorpus.from_documents("x", [], validation_fraction=1.5)
     with pytest.raises(ValueError, match="nothing left to train on"):
         TextCorpus.from_documents("x", [], validation_fraction=0.5, test_fraction=0.5)
+
+
+def _write_sample_folder(folder):
+    (folder / "notes").mkdir(parents=True)
+    for i in range(30):
+        (folder / "notes" / f"n{i}.txt").write_text(f"note {i}")
+    (folder / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(30)))
+
+
+def _splits(corpus):
+    return {s: [d.name for d in corpus.documents(s)] for s in SPLITS}
+
+
+def test_from_files_does_not_depend_on_how_or_where_the_folder_is_named(tmp_path, monkeypatch):
+    first = tmp_path / "first" / "data"
+    _write_sample_folder(first)
+    moved = tmp_path / "elsewhere" / "deeper" / "copy"
+    moved.parent.mkdir(parents=True)
+    shutil.copytree(first, moved)
+    absolute = TextCorpus.from_files(first, validation_fraction=0.3, test_fraction=0.3)
+    monkeypatch.chdir(tmp_path / "first")
+    relative = TextCorpus.from_files("data", validation_fraction=0.3, test_fraction=0.3)
+    dotted = TextCorpus.from_files("./data/../data", validation_fraction=0.3, test_fraction=0.3)
+    elsewhere = TextCorpus.from_files(moved, validation_fraction=0.3, test_fraction=0.3)
+    for other in (relative, dotted, elsewhere):
+        assert _splits(other) == _splits(absolute)
+        assert other.checksum() == absolute.checksum()
+    names = {name for split in _splits(absolute).values() for name in split}
+    assert names == {f"notes/n{i}.txt" for i in range(30)} | {f"rows.jsonl:{i}" for i in range(1, 31)}
+
+
+def test_from_files_names_given_files_relative_to_their_common_folder(tmp_path, monkeypatch):
+    _write_sample_folder(tmp_path / "data")
+    listed = TextCorpus.from_files([tmp_path / "data" / "rows.jsonl", tmp_path / "data" / "notes" / "n1.txt"])
+    names = {d.name for s in SPLITS for d in listed.documents(s)}
+    assert names == {"notes/n1.txt"} | {f"rows.jsonl:{i}" for i in range(1, 31)}
+    monkeypatch.chdir(tmp_path / "data" / "notes")
+    single = TextCorpus.from_files("n1.txt")
+    assert [d.name for s in SPLITS for d in single.documents(s)] == ["n1.txt"]
+    assert single.checksum() == TextCorpus.from_files(tmp_path / "data" / "notes" / "n1.txt").checksum()

@@ -1,17 +1,20 @@
 import dataclasses
 import enum
 import json
+import math
 import os
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from shin_common import JsonlStore, read_json, record_key, write_json_atomic, write_run_record
+from shin_common import JsonlStore, read_json, record_key, records, write_json_atomic, write_run_record
 from shin_common.records import to_jsonable
 
 
@@ -32,7 +35,9 @@ def test_run_record_has_provenance(tmp_path):
     assert saved["config"] == {"lr": 0.1, "path": "x"}
     assert saved["metrics"] == {"acc": 0.5}
     assert saved["seed"] == 3
-    assert saved["versions"]["torch"] == torch.__version__.split("+")[0] or saved["versions"]["torch"]
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["versions"]["numpy"] == np.__version__
+    assert saved["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
     assert saved["versions"]["shin-common"] is not None
     assert {"hostname", "platform", "cpu_count"} <= set(saved["host"])
     assert "git" in saved and "created" in saved
@@ -88,6 +93,72 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script])
     assert result.returncode == 9
     assert read_json(target) == {"version": 1}
+    (stray,) = [p for p in tmp_path.iterdir() if p.name != "out.json"]
+    assert stray.name.startswith(".out.json.") and stray.name.endswith(".tmp")
+    write_json_atomic(target, {"version": 3})  # a later write still works ...
+    assert read_json(target) == {"version": 3}
+    assert stray.exists()  # ... and leaves a recent temporary file alone (its writer may still be running)
+    an_hour_and_more_ago = time.time() - records.STALE_TEMPORARY_SECONDS - 60
+    os.utime(stray, (an_hour_and_more_ago, an_hour_and_more_ago))
+    (tmp_path / ".other.json.abcd.tmp").write_text("not ours")
+    os.utime(tmp_path / ".other.json.abcd.tmp", (an_hour_and_more_ago, an_hour_and_more_ago))
+    write_json_atomic(target, {"version": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abcd.tmp", "out.json"]
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_write_gives_new_files_the_umask_mode(tmp_path, umask, mask):
+    umask(mask)
+    written = write_json_atomic(tmp_path / "new.json", {"a": 1})
+    with open(tmp_path / "plain.json", "w") as handle:  # what an ordinary open() gives
+        handle.write("{}")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "shared.json"
+    write_json_atomic(target, {"v": 1})
+    target.chmod(0o660)
+    write_json_atomic(target, {"v": 2})
+    assert stat.S_IMODE(target.stat().st_mode) == 0o660 and read_json(target) == {"v": 2}
+
+
+def test_written_json_is_standard_with_non_finite_numbers(tmp_path):
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    metrics = {"ppl": float("inf"), "low": -math.inf, "nan": float("nan"), "t": torch.tensor([1.0, math.inf])}
+    write_run_record(tmp_path / "run.json", config={"lr": float("inf")}, metrics=metrics)
+    saved = json.loads((tmp_path / "run.json").read_text(), parse_constant=reject)
+    assert saved["metrics"] == {"ppl": None, "low": None, "nan": None, "t": [1.0, None]}
+    assert saved["config"] == {"lr": None}
+    store = JsonlStore(tmp_path / "s.jsonl")
+    store.append({"lr": math.inf}, {"loss": np.float64("nan"), "best": -math.inf})
+    line = json.loads((tmp_path / "s.jsonl").read_text(), parse_constant=reject)
+    assert (line["loss"], line["best"], line["config"]) == (None, None, {"lr": None})
+
+
+def test_record_key_tells_nan_infinities_and_none_apart(tmp_path):
+    keys = [record_key({"x": v}) for v in (None, math.nan, math.inf, -math.inf, 0.0)]
+    assert len(set(keys)) == len(keys)
+    assert record_key({"x": float("nan")}) == record_key({"x": np.float32("nan")})
+    store = JsonlStore(tmp_path / "s.jsonl")
+    store.append({"x": math.nan}, {"m": 1})
+    assert store.is_complete({"x": float("nan")}) and not store.is_complete({"x": None})
+    assert json.loads(record_key({"x": math.inf}))["x"] == math.inf  # the key is still readable by Python
 
 
 def test_jsonl_store_resume_skips_finished_runs(tmp_path):
@@ -122,3 +193,62 @@ def test_jsonl_store_tolerates_a_torn_last_line(tmp_path, caplog):
     assert "incomplete line" in caplog.text
     store.append({"a": 2}, {"metrics": {"x": 2}})  # the retry starts on a fresh line
     assert store.completed_keys() == {record_key({"a": 1}), record_key({"a": 2})}
+
+
+@pytest.mark.parametrize("field", ["key", "config"])
+def test_jsonl_store_rejects_records_that_would_overwrite_its_own_fields(tmp_path, field):
+    store = JsonlStore(tmp_path / "s.jsonl")
+    with pytest.raises(ValueError, match=rf"has field\(s\) \['{field}'\], which the store writes itself"):
+        store.append({"a": 1}, {field: "mine", "metrics": {}})
+    assert not (tmp_path / "s.jsonl").exists()
+    assert not store.is_complete({"a": 1})
+
+
+def test_jsonl_store_reads_each_line_once_and_sees_other_writers(tmp_path, monkeypatch):
+    path = tmp_path / "s.jsonl"
+    store = JsonlStore(path)
+    parsed = []
+    original_parse = JsonlStore._parse
+
+    def counting_parse(self, raw, number):
+        parsed.append(number)
+        return original_parse(self, raw, number)
+
+    monkeypatch.setattr(JsonlStore, "_parse", counting_parse)
+    grid = [{"i": i} for i in range(20)]
+    for cfg in grid:
+        assert not store.is_complete(cfg)
+        store.append(cfg, {"metrics": {"v": cfg["i"]}})
+        assert store.is_complete(cfg)
+    for cfg in grid:
+        assert store.is_complete(cfg)
+    assert sorted(parsed) == list(range(1, 21))  # every line parsed exactly once over the whole sweep
+
+    other = JsonlStore(path)  # e.g. a second process working on the same sweep
+    other.append({"i": 99}, {"metrics": {"v": 99}})
+    assert store.is_complete({"i": 99}) and store.get({"i": 99})["metrics"] == {"v": 99}
+    assert sorted(parsed) == list(range(1, 22))  # ``store`` parsed only the new line
+
+    store.get({"i": 3})["metrics"]["v"] = "mutated"  # callers get copies, not the cached entries
+    assert store.get({"i": 3})["metrics"] == {"v": 3}
+    assert [r["config"] for r in store.records()] == [*grid, {"i": 99}]
+
+    replacement = tmp_path / "new.jsonl"
+    JsonlStore(replacement).append({"i": 0}, {"metrics": {"v": "redone"}})
+    os.replace(replacement, path)  # the file was replaced: read again from the start
+    assert store.completed_keys() == {record_key({"i": 0})}
+    assert store.get({"i": 0})["metrics"] == {"v": "redone"}
+    path.unlink()
+    assert store.records() == [] and not store.is_complete({"i": 0})
+    other.reload()
+    assert other.records() == []
+
+
+def test_jsonl_store_counts_a_valid_last_line_without_newline(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"key": record_key({"a": 1}), "config": {"a": 1}, "m": 1}))  # hand-made, no newline
+    store = JsonlStore(path)
+    assert store.is_complete({"a": 1})
+    store.append({"a": 2}, {"m": 2})
+    assert [r["m"] for r in store.records()] == [1, 2]
+    assert [r["m"] for r in JsonlStore(path).records()] == [1, 2]

@@ -11,6 +11,14 @@ Nested dataclass fields are addressed with dots (``optimizer.lr=3e-4``). Values 
 YAML scalars (``true``, ``1e-3``, ``[2, 4]``) and then checked against the field's annotation.
 Every error names the key, the value and what was expected. The dataclass's own
 ``__post_init__`` validation runs after all values are set.
+
+A ``str`` field set by an override keeps the text exactly as written: ``name=0x10`` gives
+``"0x10"``, ``tag=010`` gives ``"010"``, ``flag=yes`` gives ``"yes"`` (YAML would read these as 16,
+8 and True). In a union with ``str`` such as ``str | int``, the other type is chosen only when the
+text is that value's plain spelling (``10`` is the int 10, ``010`` and ``1_000`` stay text; for
+floats any ordinary decimal such as ``0.5``, ``1.10`` or ``1e-3`` is the number) and a quoted value
+(``name='10'``) is always text. Values in YAML/JSON config files follow the file format's own typing
+(quote a value there to make it a string).
 """
 
 from __future__ import annotations
@@ -53,22 +61,139 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """An override's YAML scalar together with the text it was written as.
+
+    ``value`` is what YAML made of it, ``text`` the scalar's own characters (without quotes) and
+    ``quoted`` whether it was quoted. A ``str`` field takes ``text``, so nothing is lost to YAML's
+    reading of ``0x10``, ``010`` or ``yes``; every other type takes ``value`` as before.
+    """
+
+    text: str
+    value: Any
+    quoted: bool
+
+    def __repr__(self) -> str:  # error messages show the value as YAML read it
+        return repr(self.value)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`_Written` replaced by what YAML read."""
+    if isinstance(value, _Written):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _from_node(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return _Written(node.value, loader.construct_object(node, deep=True), quoted=node.style is not None)
+    if isinstance(node, yaml.SequenceNode):
+        return [_from_node(loader, child) for child in node.value]
+    if isinstance(node, yaml.MappingNode):
+        if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+            return loader.construct_object(node, deep=True)  # ``<<`` merge keys: no source text kept
+        return {loader.construct_object(key, deep=True): _from_node(loader, child) for key, child in node.value}
+    return loader.construct_object(node, deep=True)
+
+
+def _yaml_load_keeping_text(text: str) -> Any:
+    """Parse like :func:`_yaml_load`, but with every scalar as a :class:`_Written`."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _from_node(loader, node)
+    finally:
+        loader.dispose()
+
+
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _spelled_as(text: str, tp: Any) -> tuple[bool, Any]:
+    """Whether ``text`` is the plain spelling of a ``tp`` value (and that value), for ``str`` unions."""
+    if tp is bool:
+        lowered = text.lower()
+        return (lowered in ("true", "false"), lowered == "true")
+    if tp is int:
+        return (True, int(text)) if _PLAIN_INT.fullmatch(text) else (False, None)
+    if tp is float:
+        return (True, float(text)) if _PLAIN_FLOAT.fullmatch(text) else (False, None)
+    return (False, None)
+
+
+def _coerce_written(key: str, written: _Written, tp: Any) -> Any:
+    """:func:`_coerce` for an override scalar: ``str`` fields get the text exactly as written."""
+    if tp is Any:
+        return written.value
+    if tp is str:
+        return written.text
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if written.value is None and not written.quoted and type(None) in args:
+            return None
+        options = [option for option in args if option is not type(None)]
+        if str in options:
+            if written.quoted:
+                return written.text
+            for option in options:
+                if option is str:
+                    continue
+                if option in (bool, int, float):
+                    matches, converted = _spelled_as(written.text, option)
+                    if matches:
+                        return converted
+                    continue
+                try:
+                    return _coerce_written(key, written, option)
+                except ConfigError:
+                    continue
+            return written.text
+        for option in options:
+            try:
+                return _coerce_written(key, written, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={written!r}: expected {_describe(tp)}")
+    try:
+        return _coerce(key, written.value, tp)
+    except ConfigError as error:
+        if written.text == written.value:
+            raise
+        reading_error = error
+    try:  # e.g. a Path, Literal or enum value that YAML would read as a number: 010, 1_000
+        return _coerce(key, written.text, tp)
+    except ConfigError:
+        raise reading_error from None
+
+
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against annotation ``tp``, converting where the conversion is lossless."""
+    if isinstance(value, _Written):
+        return _coerce_written(key, value, tp)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in args:
-            if option is type(None):
-                continue
+        options = [option for option in args if option is not type(None)]
+        if not isinstance(value, str):
+            # A number or boolean is kept as it is where the union allows, and otherwise turned
+            # into text only as a last resort: ``str | int`` keeps 0 as 0, not "0".
+            exact = [option for option in options if option is type(value)]
+            options = exact + [o for o in options if o is not str and o not in exact] + [o for o in options if o is str]
+        for option in options:
             try:
                 return _coerce(key, value, option)
             except ConfigError:
@@ -139,12 +264,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, tp):
             return value
         raise ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
-    return value
+    return _plain(value)
 
 
 def _build(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    computed = sorted(f.name for f in dataclasses.fields(cls) if not f.init and f.name in data)
+    if computed:
+        raise ConfigError(
+            f"config key{'s' if len(computed) > 1 else ''} {', '.join(prefix + k for k in computed)} "
+            f"cannot be set: {cls.__name__} computes {'them' if len(computed) > 1 else 'it'} (init=False)"
+        )
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -161,7 +292,15 @@ def _build(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Turn ``["a=1", "opt.lr=3e-4"]`` into a nested dict of YAML-parsed values."""
+    """Turn ``["a=1", "opt.lr=3e-4"]`` into a nested dict of YAML-parsed values.
+
+    This is the untyped reading (``0x10`` is 16 here); :func:`load_config` and
+    :func:`apply_overrides` keep each value's text for the ``str`` fields.
+    """
+    return _plain(_parse_overrides_keeping_text(overrides))
+
+
+def _parse_overrides_keeping_text(overrides: Iterable[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -171,9 +310,13 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = _yaml_load(raw) if raw.strip() else ""
+            value = _yaml_load_keeping_text(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if value is None or (isinstance(value, _Written) and not value.quoted):
+            # A lone unquoted scalar: a str field gets the whole text, including what YAML would
+            # drop as a comment (``tag=run #3``, ``tag=#3``).
+            value = _Written(raw.strip(), getattr(value, "value", None), quoted=False)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -224,7 +367,7 @@ def load_config(
     data: dict[str, Any] = dict(defaults or {})
     if path is not None:
         data = _merge(data, read_config_file(path))
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(data, _parse_overrides_keeping_text(overrides))
     return _build(cls, data)
 
 
@@ -235,6 +378,25 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return to_jsonable(config)
 
 
+def _settable_values(value: Any) -> Any:
+    """Like :func:`config_to_dict`, but leaving out dataclass fields with ``init=False``.
+
+    Those are computed by the dataclass (usually in ``__post_init__``), so they cannot be passed
+    back to its constructor; rebuilding recomputes them.
+    """
+    from shin_common.records import to_jsonable
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _settable_values(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, Mapping):
+        return {str(k): _settable_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_settable_values(v) for v in value]
+    return to_jsonable(value)
+
+
 def apply_overrides(config: C, overrides: Iterable[str]) -> C:
     """A copy of the dataclass instance ``config`` with ``key=value`` overrides applied and checked."""
-    return _build(type(config), _merge(config_to_dict(config), parse_overrides(overrides)))
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"{config!r} is not a dataclass instance")
+    return _build(type(config), _merge(_settable_values(config), _parse_overrides_keeping_text(overrides)))

@@ -105,22 +105,33 @@ class TextCorpus:
         """Plain-text files (one document each) and JSONL files (one document per line).
 
         Directories are searched recursively for ``.txt``, ``.md`` and ``.jsonl`` files.
+
+        Documents are named by their path relative to a root, POSIX-style (``notes/a.txt``, and
+        ``rows.jsonl:7`` for line 7): the root is the given directory, or the folder holding the
+        given file, or the deepest folder common to several given paths. So the splits and the
+        checksum do not depend on whether a path was spelled relative or absolute, nor on where
+        the folder lies.
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
+        given = [Path(os.path.abspath(raw)) for raw in paths]
         files: list[Path] = []
-        for raw in paths:
-            path = Path(raw)
+        folders: list[Path] = []
+        for path in given:
             if path.is_dir():
                 files.extend(sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md", ".jsonl"}))
+                folders.append(path)
             elif path.is_file():
                 files.append(path)
+                folders.append(path.parent)
             else:
                 raise FileNotFoundError(f"corpus path {str(path)!r} does not exist")
         if not files:
-            raise ValueError(f"no .txt, .md or .jsonl files found under {[str(p) for p in paths]}")
+            raise ValueError(f"no .txt, .md or .jsonl files found under {[str(p) for p in given]}")
+        root = Path(os.path.commonpath(folders))
         documents = []
         for file in files:
+            relative = file.relative_to(root).as_posix()
             if file.suffix == ".jsonl":
                 with open(file, encoding="utf-8") as handle:
                     for number, line in enumerate(handle, start=1):
@@ -132,11 +143,11 @@ class TextCorpus:
                             raise ValueError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
                         if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                             raise ValueError(f"{file}:{number}: expected an object with a string field {text_field!r}")
-                        documents.append(Document(f"{file}:{number}", row[text_field]))
+                        documents.append(Document(f"{relative}:{number}", row[text_field]))
             else:
-                documents.append(Document(str(file), file.read_text(encoding="utf-8", errors="replace")))
+                documents.append(Document(relative, file.read_text(encoding="utf-8", errors="replace")))
         return cls.from_documents(
-            "files:" + ",".join(sorted({str(p) for p in files}))[:200],
+            "files:" + ",".join(sorted({str(p) for p in given}))[:200],
             documents,
             validation_fraction=validation_fraction,
             test_fraction=test_fraction,

@@ -7,18 +7,23 @@ keyed by its configuration, so a killed sweep resumes without redoing or losing 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import enum
 import json
 import logging
+import math
 import os
 import platform
+import secrets
 import socket
+import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,27 +34,44 @@ DEFAULT_PACKAGES = ("shin-common", "numpy", "torch", "transformers", "accelerate
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert dataclasses, paths, tuples, numpy and torch scalars/arrays to plain JSON values."""
+    """Convert dataclasses, paths, tuples, numpy and torch scalars/arrays to plain JSON values.
+
+    Non-finite floats (NaN, +inf, -inf) become ``None``: standard JSON (RFC 8259) has no literal
+    for them, and ``null`` keeps the files readable by every JSON parser. A result that diverged
+    therefore reads as missing, never as a number.
+    """
+    return _jsonable(value, keep_non_finite=False)
+
+
+def _jsonable(value: Any, *, keep_non_finite: bool) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: _jsonable(getattr(value, f.name), keep_non_finite=keep_non_finite)
+            for f in dataclasses.fields(value)
+        }
     if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, keep_non_finite=keep_non_finite) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [to_jsonable(v) for v in items]
+        return [_jsonable(v, keep_non_finite=keep_non_finite) for v in items]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, enum.Enum):
-        return to_jsonable(value.value)
-    if isinstance(value, float) and value != value:  # NaN is not valid JSON
-        return None
+        return _jsonable(value.value, keep_non_finite=keep_non_finite)
+    if isinstance(value, float) and not math.isfinite(value):
+        return float(value) if keep_non_finite else None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "tolist"):  # numpy arrays/scalars, torch tensors
-        return to_jsonable(value.tolist())
+        return _jsonable(value.tolist(), keep_non_finite=keep_non_finite)
     if hasattr(value, "item"):
-        return to_jsonable(value.item())
+        return _jsonable(value.item(), keep_non_finite=keep_non_finite)
     return repr(value)
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """Standard JSON only: ``to_jsonable`` has already replaced NaN and infinities."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
 
 
 def package_versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str | None]:
@@ -113,15 +135,22 @@ def provenance(
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON so that ``path`` holds either the old file or the complete new one.
 
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then renamed
-    over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    The data goes to a temporary file ``.<name>.<random>.tmp`` in the same directory, is flushed
+    and fsynced, then renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows). The
+    file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it
+    replaces, or ``0o666`` less the umask for a new one. Temporary files of the same name left
+    over by a writer killed more than an hour ago are removed after a successful write.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=False) + "\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    text = _dumps(obj, indent=indent, sort_keys=False) + "\n"
+    fd, tmp_name = _create_temporary(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            # An existing file keeps its mode, as with open(path, "w"); a new one was created with
+            # 0o666 less the umask already.
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp_name, stat.S_IMODE(os.stat(target).st_mode))
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -129,7 +158,45 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _remove_stale_temporaries(target)
     return target
+
+
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """Create ``.<name>.<random>.tmp`` next to ``target`` with mode 0o666 filtered by the umask.
+
+    ``tempfile.mkstemp`` would create it 0o600 regardless of the umask, and the rename would keep
+    that mode for the results file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {str(target)!r}")
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary files of ``target`` left by killed writers (old enough not to be in use)."""
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    prefix = f".{target.name}."
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # another process removed or replaced it meanwhile
 
 
 def write_run_record(
@@ -154,16 +221,27 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def record_key(config: Mapping[str, Any] | Any) -> str:
-    """A canonical string key for a configuration (sorted JSON), used to match finished runs."""
-    return json.dumps(to_jsonable(config), sort_keys=True, separators=(",", ":"))
+    """A canonical string key for a configuration (sorted JSON), used to match finished runs.
+
+    Unlike the records themselves, the key keeps non-finite floats as ``NaN``, ``Infinity`` and
+    ``-Infinity``, so a config with ``float("nan")`` and one with ``None`` are different runs. The
+    key is only compared as a string; it is stored as a JSON string, so the files stay standard.
+    """
+    return json.dumps(_jsonable(config, keep_non_finite=True), sort_keys=True, separators=(",", ":"))
 
 
 class JsonlStore:
     """Append-only JSON-lines store of finished runs in a sweep.
 
-    Each line is ``{"key": ..., **record}``. A run is written only when it has finished, in one
-    ``write`` of a complete line followed by fsync, so a killed process leaves at most one partial
-    last line; reading skips it with a warning and the next append starts on a fresh line.
+    Each line is ``{"key": ..., "config": ..., **record}``. A run is written only when it has
+    finished, in one ``write`` of a complete line followed by fsync, so a killed process leaves at
+    most one partial last line; reading skips it with a warning and the next append starts on a
+    fresh line.
+
+    The store keeps what it has read in memory and reads only what was added to the file since
+    (by this or another process), so ``is_complete`` over a sweep of N runs costs O(N) in all, not
+    O(N^2). A file that was replaced or shrunk is read again from the start; :meth:`reload` forces
+    that.
 
     >>> store = JsonlStore("sweep.jsonl")                        # doctest: +SKIP
     >>> for cfg in grid:                                          # doctest: +SKIP
@@ -172,47 +250,111 @@ class JsonlStore:
     ...     store.append(cfg, {"metrics": train(cfg)})
     """
 
+    RESERVED_FIELDS = ("key", "config")
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._forget()
 
-    def _lines(self) -> Iterator[dict[str, Any]]:
-        if not self.path.exists():
+    # ------------------------------------------------------------------ reading
+    def _forget(self) -> None:
+        self._entries: list[dict[str, Any]] = []  # complete lines, in file order
+        self._latest: dict[str, dict[str, Any]] = {}  # key -> last entry with that key
+        self._offset = 0  # bytes of the file consumed: always the end of a complete line
+        self._lines_read = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file read
+        self._seen: tuple[int, int] | None = None  # (size, mtime_ns) when last read
+        self._tail: dict[str, Any] | None = None  # a valid last line that lacks its newline
+
+    def reload(self) -> None:
+        """Drop what is held in memory; the next call reads the file from the start."""
+        self._forget()
+
+    def _refresh(self) -> None:
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed below; fstat needs the open file
+        except FileNotFoundError:
+            if self._identity is not None:
+                self._forget()
             return
-        with open(self.path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s:%d: skipping an incomplete line (interrupted write)", self.path, number)
-                    continue
-                if isinstance(entry, dict) and "key" in entry:
-                    yield entry
+        with handle:
+            info = os.fstat(handle.fileno())
+            identity, seen = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
+            if identity != self._identity or info.st_size < self._offset:
+                self._forget()  # replaced, truncated or never read: start over
+            elif seen == self._seen:
+                return
+            self._identity = identity
+            handle.seek(self._offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # only newline-terminated lines are final
+        for raw in data[:end].split(b"\n")[:-1]:
+            self._lines_read += 1
+            entry = self._parse(raw, self._lines_read)
+            if entry is not None:
+                self._entries.append(entry)
+                self._latest[entry["key"]] = entry
+        self._offset += end
+        self._seen = seen
+        tail = data[end:]
+        self._tail = self._parse(tail, self._lines_read + 1) if tail.strip() else None
+
+    def _parse(self, raw: bytes, number: int) -> dict[str, Any] | None:
+        if not raw.strip():
+            return None
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s:%d: skipping an incomplete line (interrupted write)", self.path, number)
+            return None
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            return entry
+        return None
+
+    def _all(self) -> list[dict[str, Any]]:
+        self._refresh()
+        return self._entries if self._tail is None else [*self._entries, self._tail]
 
     def records(self) -> list[dict[str, Any]]:
         """Every complete record, in the order written."""
-        return list(self._lines())
+        return copy.deepcopy(self._all())
 
     def completed_keys(self) -> set[str]:
-        return {entry["key"] for entry in self._lines()}
+        self._refresh()
+        keys = set(self._latest)
+        if self._tail is not None:
+            keys.add(self._tail["key"])
+        return keys
 
     def is_complete(self, config: Any) -> bool:
-        return record_key(config) in self.completed_keys()
+        key = record_key(config)
+        self._refresh()
+        return key in self._latest or (self._tail is not None and self._tail["key"] == key)
 
     def get(self, config: Any) -> dict[str, Any] | None:
         """The last record written for ``config``, or None."""
         key = record_key(config)
-        found = None
-        for entry in self._lines():
-            if entry["key"] == key:
-                found = entry
-        return found
+        self._refresh()
+        if self._tail is not None and self._tail["key"] == key:
+            return copy.deepcopy(self._tail)
+        found = self._latest.get(key)
+        return None if found is None else copy.deepcopy(found)
 
+    # ------------------------------------------------------------------ writing
     def append(self, config: Any, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Append one finished run. ``config`` identifies it; ``record`` holds its results."""
+        """Append one finished run. ``config`` identifies it; ``record`` holds its results.
+
+        ``record`` may not have the fields ``key`` and ``config``: the store writes those itself
+        and uses them to find finished runs.
+        """
+        clashing = [name for name in self.RESERVED_FIELDS if name in record]
+        if clashing:
+            raise ValueError(
+                f"record for {self.path} has field(s) {clashing}, which the store writes itself "
+                f"(the run's key and config); rename them, e.g. to {[f'run_{name}' for name in clashing]}"
+            )
         entry = {"key": record_key(config), "config": to_jsonable(config), **to_jsonable(dict(record))}
-        line = json.dumps(entry, sort_keys=False) + "\n"
+        line = json.dumps(entry, sort_keys=False, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
