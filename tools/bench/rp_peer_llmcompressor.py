@@ -9,7 +9,8 @@ split). llm-compressor lives in its own virtual environment (its pins differ fro
     python tools/bench/rp_peer_llmcompressor.py --peer-python /tmp/rp_peervenv/bin/python
 
 The peer half runs as ``--peer`` in the other interpreter and needs only torch, transformers,
-datasets and llmcompressor. The result is appended to docs/benchmarks/recon-prune.md.
+datasets and llmcompressor. The result replaces only this script's section of
+docs/benchmarks/recon-prune.md.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ def run_ours(peer_python: str) -> None:
         )
     peer_seconds = rows[1]["seconds"]
     lines = [
-        "",
         "## Side by side with llm-compressor (stdlib-tiny, 50% unstructured, 32 x 256 calibration tokens)",
         "",
         "Same model, same calibration ids, same perplexity function (64 chunks of 256 of the stdlib test split),",
@@ -151,13 +151,10 @@ def run_ours(peer_python: str) -> None:
         lines.append(
             f"| {r['tool']} | {r['setting']} | {r['seconds']:.2f} | {ratio} | {r['perplexity']:.3f} | {r['sparsity']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "docs" / "benchmarks" / "recon-prune.md"
-    existing = out.read_text(encoding="utf-8") if out.exists() else "# recon-prune benchmarks\n"
-    marker = "\n## Side by side with llm-compressor"
-    existing = existing.split(marker)[0].rstrip("\n") + "\n"
-    out.write_text(existing + text, encoding="utf-8")
+    from rp_doc_sections import replace_section
+
+    replace_section("rp_peer_llmcompressor", lines)
+    print("\n".join(lines))
 
 
 def main() -> None:

@@ -53,6 +53,8 @@ def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
                 "br+gp",
                 "--eval-chunks",
                 "2",
+                "--eval-seq-len",
+                "24",
                 *SMALL,
             ]
         )
@@ -60,6 +62,8 @@ def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
     )
     assert "pruned perplexity" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["dense"]["seq_len"] == 24 and results["metrics"]["pruned"]["chunks"] == 2
+    assert (results["config"]["nsamples"], results["config"]["seq_len"]) == (4, 32)
     assert results["config"]["method"] == "sparsegpt" and results["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert results["versions"]["recon-prune"] and results["report"]["block_errors"][-1] > 0
     saved = torch.load(out / "masks.pt", weights_only=True)
@@ -90,6 +94,10 @@ def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
         (["--pattern", "4:2"], "0 < N < M"),
         (["--pattern", "two:four"], "malformed"),
         (["--seq-len", "65"], "exceeds the model's context of 64"),
+        (["--device", "gpu"], "device='gpu' is not a device"),
+        (["--offload-device", "cuda:7"], "offload_device='cuda:7' but"),
+        (["--eval", "stdlib", "--eval-seq-len", "65"], "--eval-seq-len 65 exceeds the model's context of 64"),
+        (["--eval", "stdlib", "--eval-chunks", "0"], "--eval-chunks must be a positive integer, got 0"),
     ],
 )
 def test_cli_bad_input_writes_nothing(model_dir, tmp_path, capsys, extra, match) -> None:
@@ -198,3 +206,67 @@ def test_config_file_and_overrides(model_dir, tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: wanda\nsparsity_ratio: 0.5\n", encoding="utf-8")
     assert main(["prune", "--model", str(model_dir), "--output-dir", str(tmp_path / "o2"), "--config", str(bad)]) == 2
+
+
+def test_cli_bad_device_fails_before_the_model_is_loaded(model_dir, tmp_path, capsys, monkeypatch) -> None:
+    import recon_prune.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda name: pytest.fail("the model was loaded before the device was checked"))
+    cases = [("gpu", "device='gpu' is not a device")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "device='cuda' but CUDA is not available"))
+    for device, match in cases:
+        assert main(["prune", "--model", str(model_dir), "--output-dir", str(tmp_path / "o"), "--device", device]) == 2
+        assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_vocabulary_is_checked_before_the_dense_evaluation(tmp_path, capsys, monkeypatch) -> None:
+    import recon_prune.cli as cli
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    path = tmp_path / "small-vocab"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    text = tmp_path / "calib.txt"
+    text.write_text("zzzz " * 200, encoding="utf-8")  # byte 122 is outside a vocabulary of 100
+    monkeypatch.setattr(cli, "_heldout_ppl", lambda *a, **k: pytest.fail("dense perplexity ran before the check"))
+    args = ["prune", "--model", str(path), "--output-dir", str(tmp_path / "o"), "--calibration", str(text), *SMALL]
+    assert main(args) == 2
+    assert "calibration token id 122 is outside the model's vocabulary of 100" in capsys.readouterr().err
+
+
+def test_cli_failed_save_leaves_no_staging_directory(model_dir, tmp_path, capsys, monkeypatch) -> None:
+    import recon_prune.outputs as outputs
+
+    def failing_save(directory, *args, **kwargs) -> None:
+        (directory / "model").mkdir()
+        (directory / "model" / "half.safetensors").write_bytes(b"x")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(outputs, "save_pruned", failing_save)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(model_dir), "--output-dir", str(out), "--eval", "none", "--reconstruction", "none"]
+    assert main([*args, *SMALL]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_cli_defaults_follow_the_recorded_pretraining_window(model_dir, tmp_path) -> None:
+    """A model whose config records train_seq_len is calibrated and evaluated at that length."""
+    config_file = model_dir / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"train_seq_len": 24}))
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(model_dir), "--output-dir", str(out), "--nsamples", "4", "--epochs", "1"]
+    assert main([*args, "--reconstruction", "none", "--eval-chunks", "2", "--set", "blocksize=16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["seq_len"] == 24 and results["metrics"]["dense"]["seq_len"] == 24
+    assert main(["eval", "--model", str(out / "model"), "--max-chunks", "2", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["perplexity"]["seq_len"] == 24

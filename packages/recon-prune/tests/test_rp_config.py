@@ -58,3 +58,43 @@ def test_presets() -> None:
     assert (paper.resolved_nsamples(), paper.resolved_seq_len()) == (256, 1024)
     cpu = PruneConfig(preset="cpu", epochs=7)
     assert cpu.hparams("llama").epochs == 7 and cpu.resolved_seq_len() == 512
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"device": "gpu"}, "device='gpu' is not a device; expected a device string such as 'auto', 'cpu'"),
+        ({"device": ""}, "device must be a device string"),
+        ({"device": "meta"}, "device='meta': device type 'meta' is not supported"),
+        ({"offload_device": "auto"}, "offload_device='auto' is not a device"),
+        ({"offload_device": "gpu:0"}, "offload_device='gpu:0' is not a device"),
+    ],
+)
+def test_bad_device(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_cuda_device_must_exist() -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        with pytest.raises(ValueError, match="device='cuda' but CUDA is not available on this machine"):
+            PruneConfig(device="cuda")
+    else:
+        PruneConfig(device="cuda")
+    with pytest.raises(ValueError, match=f"device='cuda:{count}' but"):
+        PruneConfig(device=f"cuda:{count}")
+    assert PruneConfig(device="cpu", offload_device="cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_lr_without_sparsegpt_warns_that_it_changes_nothing(method: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="recon_prune.config"):
+        PruneConfig(method=method, reconstruction="lr")
+    assert any("equals reconstruction='none'" in r.getMessage() and method in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recon_prune.config"):
+        PruneConfig(method="sparsegpt", reconstruction="lr")
+    assert not caplog.records

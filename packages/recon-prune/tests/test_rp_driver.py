@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -205,3 +206,115 @@ def test_lr_is_the_sparsegpt_update_and_a_no_op_for_wanda(calib_ids: torch.Tenso
         torch.testing.assert_close(
             none_model.get_submodule(name).weight[mask], dense.get_submodule(name).weight[mask], rtol=0, atol=0
         )
+
+
+def _assert_same_result(reference, ref_report, resumed, report) -> None:
+    ours, theirs = reference.state_dict(), resumed.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    assert report.block_errors == pytest.approx(ref_report.block_errors, rel=0, abs=0)
+    assert all(torch.equal(mask, ref_report.masks[name]) for name, mask in report.masks.items())
+
+
+@pytest.mark.parametrize(
+    ("reconstruction", "crash"),
+    [("br", "block file"), ("br+cr", "block file"), ("br+gp+cr", "block file"), ("br+cr", "buffers file")],
+)
+def test_crash_in_the_middle_of_a_checkpoint_save_resumes_exactly(
+    reconstruction: str, crash: str, calib_ids: torch.Tensor, tmp_path, monkeypatch
+) -> None:
+    """A kill after some files of step 2 are written but before its state.json resumes at block 1."""
+    config = PruneConfig(method="sparsegpt", reconstruction=reconstruction, **FAST)
+    reference = make_model("llama", layers=3)
+    ref_report = prune(reference, calib_ids, config)
+
+    real_save = driver._Checkpoint._save
+    prefix = "block_" if crash == "block file" else "buffers"
+
+    def save_then_die(self, name: str, obj) -> None:
+        real_save(self, name, obj)
+        if name.startswith(prefix) and "step0002" in name:  # the first such file of block 1's save
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver._Checkpoint, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune(make_model("llama", layers=3), calib_ids, config, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(driver._Checkpoint, "_save", real_save)
+    assert list(tmp_path.glob(f"{prefix}*step0002.pt"))  # the orphan the committed state must ignore
+    resumed = make_model("llama", layers=3)
+    report = prune(resumed, calib_ids, config, checkpoint_dir=tmp_path)
+    assert report.resumed_from_block == 1
+    _assert_same_result(reference, ref_report, resumed, report)
+    state = json.loads((tmp_path / "state.json").read_text())
+    owned = {*state["block_files"].values(), state["buffers_file"]}
+    assert {p.name for p in tmp_path.glob("*.pt")} == owned  # orphans and superseded files are removed
+
+
+def test_checkpoint_of_other_weights_of_the_same_architecture_is_refused(calib_ids: torch.Tensor, tmp_path) -> None:
+    config = PruneConfig(reconstruction="none", **FAST)
+
+    def stop(i: int, _report) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prune(make_model("llama", seed=0), calib_ids, config, checkpoint_dir=tmp_path, block_callback=stop)
+    assert driver._weights_digest(make_model("llama", seed=0)) == driver._weights_digest(make_model("llama", seed=0))
+    with pytest.raises(ValueError, match="belongs to a different run \\(other model weights"):
+        prune(make_model("llama", seed=1), calib_ids, config, checkpoint_dir=tmp_path)
+    report = prune(make_model("llama", seed=0), calib_ids, config, checkpoint_dir=tmp_path)
+    assert report.resumed_from_block == 1
+
+
+@pytest.mark.parametrize("reconstruction", ["br", "br+gp+cr"])
+def test_finished_blocks_return_to_the_device_they_started_on(
+    reconstruction: str, calib_ids: torch.Tensor, monkeypatch
+) -> None:
+    """``cpu:0`` as the offload device is a distinct device value, so a block parked there is visible."""
+    model = make_model("llama", layers=3)
+    blocks = list(find_decoder_blocks(model)[1])
+    last_target: dict[int, torch.device] = {}
+    real_to = torch.nn.Module.to
+
+    def recording_to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and any(self is b for b in blocks):
+            last_target[id(self)] = device
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    config = PruneConfig(method="wanda", reconstruction=reconstruction, offload_device="cpu:0", **FAST)
+    prune(model, calib_ids, config)
+    monkeypatch.setattr(torch.nn.Module, "to", real_to)
+    assert [last_target[id(b)] for b in blocks] == [torch.device("cpu")] * 3
+    assert torch.isfinite(model(input_ids=calib_ids[:2]).logits).all()
+
+
+@pytest.mark.parametrize("reconstruction", ["lr", "br", "br+gp", "br+gp+cr"])
+def test_no_dense_copy_of_a_block_is_made(reconstruction: str, calib_ids: torch.Tensor, monkeypatch) -> None:
+    """Dense targets come from the block itself before pruning; only CR without GP keeps a copy."""
+
+    real_deepcopy = copy.deepcopy
+
+    def no_module_copy(obj, *args, **kwargs):
+        if isinstance(obj, torch.nn.Module):
+            raise AssertionError(f"a copy of {type(obj).__name__} was made")
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_module_copy)
+    report = prune(
+        make_model("llama"), calib_ids, PruneConfig(method="sparsegpt", reconstruction=reconstruction, **FAST)
+    )
+    assert report.sparsity["overall"] >= 0.5
+
+
+def test_config_calibration_shape_is_checked_and_the_actual_shape_recorded(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"config\.nsamples=4 but the calibration has 8 real samples"):
+        prune(model, calib_ids, PruneConfig(nsamples=4, **FAST))
+    with pytest.raises(ValueError, match=r"config\.seq_len=32 but the calibration has 16 tokens per sample"):
+        prune(model, calib_ids, PruneConfig(seq_len=32, **FAST))
+    report = prune(model, calib_ids, PruneConfig(reconstruction="none", **FAST))  # preset says 64 x 512
+    assert (report.config["nsamples"], report.config["seq_len"]) == (8, 16)
+    report = prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="none", nsamples=8, seq_len=16, **FAST))
+    assert (report.config["nsamples"], report.config["seq_len"]) == (8, 16)

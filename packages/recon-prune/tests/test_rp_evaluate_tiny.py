@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 from rp_models import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recon_prune.evaluate import perplexity, sparsity_report
-from recon_prune.tiny_model import TinyRecipe, byte_tokenizer, pretrain, stdlib_tiny_path
+from recon_prune.tiny_model import TinyRecipe, byte_tokenizer, load_model_and_tokenizer, pretrain, stdlib_tiny_path
 
 
 def test_perplexity_over_non_overlapping_chunks_by_hand() -> None:
@@ -65,6 +66,12 @@ def test_pretraining_recipe_runs_saves_and_records(tmp_path, monkeypatch) -> Non
     assert math.isfinite(record["heldout"]["perplexity"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.config.model_type == "llama" and model.config.vocab_size == 257
+    assert model.config.train_seq_len == 32  # the pretraining window, the default evaluation length
+    # a model cached before the window was recorded gets it from its record
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["train_seq_len"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert load_model_and_tokenizer(str(tmp_path / "m"))[0].config.train_seq_len == 32
     saved = json.loads((tmp_path / "m" / "stdlib_tiny_record.json").read_text())
     assert saved["metrics"]["heldout"]["perplexity"] == record["heldout"]["perplexity"]
     # a cached model is found (and not retrained) through RECON_PRUNE_CACHE
@@ -75,3 +82,41 @@ def test_pretraining_recipe_runs_saves_and_records(tmp_path, monkeypatch) -> Non
         "recon_prune.tiny_model.pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained"))
     )
     assert stdlib_tiny_path() == tmp_path / "cache" / "stdlib-tiny-v1"
+
+
+def test_default_evaluation_protocol() -> None:
+    from recon_prune.evaluate import default_eval_chunks, default_eval_seq_len
+
+    assert default_eval_chunks("wikitext2") is None and default_eval_chunks("file:x.txt") is None  # whole text
+    assert default_eval_chunks("c4") == 256 and default_eval_chunks("stdlib") == 64
+    model = make_model("llama")  # context 64
+    assert default_eval_seq_len(model) == 64
+    model.config.max_position_embeddings = 131072  # Llama-3.1-like context: the paper's 2048, not 128k
+    assert default_eval_seq_len(model) == 2048
+    model.config.train_seq_len = 256
+    assert default_eval_seq_len(model) == 256
+
+
+def test_recipe_keys_the_cache_and_the_window_is_recorded(tmp_path, monkeypatch) -> None:
+    from recon_prune import tiny_model
+
+    monkeypatch.setenv("RECON_PRUNE_CACHE", str(tmp_path))
+    built = []
+
+    def fake_pretrain(recipe, output_dir, **_kwargs):
+        built.append(recipe)
+        Path(output_dir).mkdir(parents=True)
+        for name in ("config.json", "stdlib_tiny_record.json"):
+            (Path(output_dir) / name).write_text("{}")
+
+    monkeypatch.setattr(tiny_model, "pretrain", fake_pretrain)
+    small = TinyRecipe(layers=1, steps=3)
+    assert tiny_model.recipe_cache_name() == "stdlib-tiny-v1"
+    assert tiny_model.recipe_cache_name(small) == tiny_model.recipe_cache_name(TinyRecipe(layers=1, steps=3))
+    assert tiny_model.recipe_cache_name(small) != tiny_model.recipe_cache_name(TinyRecipe(layers=1, steps=4))
+    default_path = stdlib_tiny_path()
+    small_path = stdlib_tiny_path(recipe=small)
+    assert default_path == tmp_path / "stdlib-tiny-v1" and small_path != default_path
+    assert built == [TinyRecipe(), small]
+    assert stdlib_tiny_path(recipe=small) == small_path and len(built) == 2  # cached now
+    assert tiny_model.build_model(TinyRecipe(layers=1, train_seq_len=128)).config.train_seq_len == 128

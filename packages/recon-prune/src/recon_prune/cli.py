@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -29,6 +30,14 @@ from shin_common import ConfigError, load_config, setup_logging, write_run_recor
 log = logging.getLogger(__name__)
 
 DEMO_RECONSTRUCTIONS = ("none", "lr", "br", "br+gp", "br+gp+cr")
+_CHUNKS_HELP = (
+    "evaluate at most this many chunks (default: the whole wikitext2 test set or file, 256 chunks of c4 as in "
+    "SparseGPT/Wanda, 64 of the stdlib test split)"
+)
+_EVAL_SEQ_HELP = (
+    "perplexity chunk length in tokens (default: the model's recorded pretraining window, else 2048 capped by "
+    "its context)"
+)
 
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
@@ -77,15 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--eval", default="stdlib", help="held-out text for perplexity: stdlib, wikitext2, c4, file:PATH or none"
     )
-    prune.add_argument("--eval-chunks", type=int, default=64, help="max chunks for perplexity (default: 64)")
+    prune.add_argument("--eval-chunks", type=int, help=_CHUNKS_HELP)
+    prune.add_argument("--eval-seq-len", type=int, help=_EVAL_SEQ_HELP)
 
     ev = sub.add_parser("eval", help="perplexity (and optional zero-shot tasks) of a model")
     ev.add_argument("--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name")
     ev.add_argument(
         "--dataset", default="stdlib", help="stdlib (test split), wikitext2, c4, or file:PATH (default: stdlib)"
     )
-    ev.add_argument("--seq-len", type=int, help="chunk length (default: the model's context)")
-    ev.add_argument("--max-chunks", type=int, help="evaluate at most this many chunks")
+    ev.add_argument("--seq-len", type=int, help=_EVAL_SEQ_HELP)
+    ev.add_argument("--max-chunks", type=int, help=_CHUNKS_HELP)
     ev.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs the lm-eval extra and network)")
     ev.add_argument("--output", type=Path, help="write the results JSON here")
 
@@ -154,19 +164,68 @@ def _heldout_ppl(model: Any, tokenizer: Any, source: str, seq_len: int, max_chun
     return result
 
 
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def _eval_settings(
+    model: Any, source: str, seq_len: int | None, chunks: int | None, *, seq_flag: str, chunks_flag: str
+) -> tuple[int, int | None]:
+    """Chunk length and count for perplexity, checked against the model before any work."""
+    from recon_prune.driver import max_positions
+    from recon_prune.evaluate import default_eval_chunks, default_eval_seq_len
+
+    _positive(chunks, chunks_flag)
+    if seq_len is not None and seq_len < 2:
+        raise ValueError(f"{seq_flag} must be at least 2 tokens, got {seq_len}")
+    limit = max_positions(model)
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise ValueError(f"{seq_flag} {seq_len} exceeds the model's context of {limit} positions")
+    return seq_len or default_eval_seq_len(model), chunks if chunks is not None else default_eval_chunks(source)
+
+
+def _calibration_seq_len(model: Any, config: PruneConfig) -> int:
+    """An explicit seq_len must fit the context; the preset's is capped by the pretraining window and context."""
+    from recon_prune.driver import max_positions
+    from recon_prune.evaluate import trained_seq_len
+
+    limit = max_positions(model)
+    if config.seq_len is not None:
+        if limit is not None and config.seq_len > limit:
+            raise ValueError(f"--seq-len {config.seq_len} exceeds the model's context of {limit} positions")
+        return config.seq_len
+    caps = [c for c in (trained_seq_len(model), limit) if c is not None]
+    seq_len = min([config.resolved_seq_len(), *caps])
+    if seq_len != config.resolved_seq_len():
+        log.info(
+            "calibration length %d (the %s preset's %d, capped by the model)",
+            seq_len,
+            config.preset,
+            config.resolved_seq_len(),
+        )
+    return seq_len
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from recon_prune.calibration import build_calibration
-    from recon_prune.driver import check_structure, max_positions, prune
-    from recon_prune.outputs import check_output_dir, commit_dir, save_pruned, staging_dir
+    from recon_prune.driver import check_model_and_calibration, check_structure, prune
+    from recon_prune.outputs import check_output_dir, save_pruned, staged_output
 
     target = check_output_dir(args.output_dir, args.overwrite)
-    config = _config_from_args(args)
+    config = _config_from_args(args)  # also checks that the devices exist
     model, tokenizer = _load(args.model)
     check_structure(model, config)  # unsupported model or N:M mismatch: fail before any work
-    seq_len = config.resolved_seq_len()
-    limit = max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {limit} positions")
+    seq_len = _calibration_seq_len(model, config)
+    if args.eval != "none":
+        eval_len, eval_chunks = _eval_settings(
+            model,
+            args.eval,
+            args.eval_seq_len,
+            args.eval_chunks,
+            seq_flag="--eval-seq-len",
+            chunks_flag="--eval-chunks",
+        )
     calibration = build_calibration(
         args.calibration,
         tokenizer=tokenizer,
@@ -176,20 +235,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model=model,
         generated=args.self_generated,
     )
+    # the recorded config states the calibration actually built (a mixture sets its own counts)
+    config = dataclasses.replace(config, nsamples=calibration.num_real, seq_len=calibration.seq_len)
+    check_model_and_calibration(model, calibration, config)  # e.g. token ids outside the vocabulary
     metrics: dict[str, Any] = {}
-    eval_len = min(limit or seq_len, 1024 if limit is None else limit)
     if args.eval != "none":
-        metrics["dense"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, args.eval_chunks)
+        metrics["dense"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, eval_chunks)
         print(f"dense perplexity ({args.eval}): {metrics['dense']['perplexity']:.3f}")
     report = prune(model, calibration, config, checkpoint_dir=args.checkpoint_dir)
     if args.eval != "none":
-        metrics["pruned"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, args.eval_chunks)
+        metrics["pruned"] = _heldout_ppl(model, tokenizer, args.eval, eval_len, eval_chunks)
         print(f"pruned perplexity ({args.eval}): {metrics['pruned']['perplexity']:.3f}")
     metrics["final_block_error"] = report.final_block_error
     metrics["sparsity"] = report.sparsity["overall"]
-    staging = staging_dir(target)
-    save_pruned(staging, model, tokenizer, report, metrics=metrics, config=config, seed=config.seed)
-    commit_dir(staging, target)
+    with staged_output(target) as staging:
+        save_pruned(staging, model, tokenizer, report, metrics=metrics, config=config, seed=config.seed)
     print(
         f"sparsity {report.sparsity['overall']:.4f}; final-block error {report.final_block_error:.4g}; saved to {target}"
     )
@@ -197,12 +257,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from recon_prune.driver import max_positions
     from recon_prune.evaluate import sparsity_report, zero_shot
 
     model, tokenizer = _load(args.model)
-    seq_len = args.seq_len or max_positions(model) or 1024
-    result: dict[str, Any] = {"perplexity": _heldout_ppl(model, tokenizer, args.dataset, seq_len, args.max_chunks)}
+    seq_len, max_chunks = _eval_settings(
+        model, args.dataset, args.seq_len, args.max_chunks, seq_flag="--seq-len", chunks_flag="--max-chunks"
+    )
+    result: dict[str, Any] = {"perplexity": _heldout_ppl(model, tokenizer, args.dataset, seq_len, max_chunks)}
     result["sparsity"] = sparsity_report(model)
     if args.tasks:
         result["zero_shot"] = zero_shot(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()])
@@ -236,15 +297,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from recon_prune.calibration import build_calibration
-    from recon_prune.driver import max_positions, prune
-    from recon_prune.outputs import check_output_dir, commit_dir, plot_block_errors, staging_dir
+    from recon_prune.driver import prune
+    from recon_prune.evaluate import default_eval_seq_len
+    from recon_prune.outputs import check_output_dir, plot_block_errors, staged_output
 
     target = check_output_dir(args.output_dir, args.overwrite)
     started = time.perf_counter()
     model, tokenizer = _load(args.model)
     print(f"model ready after {time.perf_counter() - started:.0f} s")
     calibration = build_calibration("stdlib", tokenizer=tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=0)
-    eval_len = min(256, max_positions(model) or 256)
+    eval_len = default_eval_seq_len(model)  # stdlib-tiny: its 256-byte pretraining window
     dense = _heldout_ppl(model, tokenizer, "stdlib", eval_len, args.eval_chunks)
     rows: list[dict[str, Any]] = []
     errors: dict[str, list[float | None]] = {}
@@ -299,15 +361,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     table = "\n".join(lines)
     print()
     print(table)
-    staging = staging_dir(target)
-    (staging / "demo_table.md").write_text(table + "\n", encoding="utf-8")
-    write_run_record(
-        staging / "results.json",
-        config=vars(args) | {"output_dir": str(args.output_dir)},
-        metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},
-    )
-    plot_block_errors(errors, staging / "error_per_block.png", title="stdlib-tiny, 50% sparsity")
-    commit_dir(staging, target)
+    with staged_output(target) as staging:
+        (staging / "demo_table.md").write_text(table + "\n", encoding="utf-8")
+        write_run_record(
+            staging / "results.json",
+            config=vars(args) | {"output_dir": str(args.output_dir)},
+            metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},
+        )
+        plot_block_errors(errors, staging / "error_per_block.png", title="stdlib-tiny, 50% sparsity")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; results in {target}")
     return 0
 

@@ -9,8 +9,11 @@ samples of 1024 tokens. That is the ``"paper"`` preset; ``"cpu"`` scales it to a
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 RECONSTRUCTIONS = ("none", "lr", "br", "br+gp", "br+cr", "br+gp+cr")
@@ -64,6 +67,33 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def check_device(name: object, field_name: str = "device", *, allow_auto: bool = True) -> None:
+    """Raise ValueError unless ``name`` parses as a torch device that exists on this machine."""
+    import torch
+
+    examples = "'auto', 'cpu', 'cuda' or 'cuda:1'" if allow_auto else "'cpu', 'cuda' or 'cuda:1'"
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{field_name} must be a device string such as {examples}, got {name!r}")
+    if allow_auto and name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{field_name}={name!r} is not a device; expected a device string such as {examples}") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{field_name}={name!r} but CUDA is not available on this machine; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{field_name}={name!r} but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field_name}={name!r} but MPS is not available on this machine; use 'cpu' or 'auto'")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{field_name}={name!r}: device type {device.type!r} is not supported; expected {examples}")
+
+
 def normalize_reconstruction(name: str) -> str:
     if not isinstance(name, str):
         raise ValueError(f"reconstruction must be a string, got {name!r}")
@@ -90,12 +120,16 @@ class PruneConfig:
             For SparseGPT every option but ``none`` starts from the LR-updated weights. (Default: br+gp)
         preset: reconstruction/calibration preset, ``cpu`` or ``paper``. (Default: cpu)
         lr, epochs, batch_size, weight_decay, grad_clip: override the preset's value when set.
-        nsamples, seq_len: calibration size and length in tokens (Default: from the preset).
+        nsamples, seq_len: calibration size and length in tokens. :func:`recon_prune.prune` refuses a
+            calibration of another shape when they are set; unset, the preset's values are used to
+            build calibration and the report records the calibration's actual shape.
         blocksize: SparseGPT column block. (Default: 128)
         percdamp: SparseGPT damping as a fraction of mean(diag H). (Default: 0.01)
         seed: seeds calibration sampling and reconstruction shuffles. (Default: 0)
-        device: compute device, ``auto`` = CUDA when present, else CPU. (Default: auto)
-        offload_device: where activations and idle blocks live. (Default: cpu)
+        device: compute device, ``auto`` = CUDA when present, else CPU; checked on construction
+            (it must parse and exist on this machine). (Default: auto)
+        offload_device: where the activation buffers and the CR window's idle blocks live. Finished
+            blocks go back to the device they were on before the run. (Default: cpu)
         dtype: dtype of the saved model; ``auto`` keeps the model's. Pruning math runs in float32.
     """
 
@@ -141,6 +175,14 @@ class PruneConfig:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
         self.reconstruction = normalize_reconstruction(self.reconstruction)
+        if self.reconstruction == "lr" and self.method != "sparsegpt":
+            # The spec's LR is SparseGPT's closed-form OBS update; magnitude and Wanda have none, so say so
+            # rather than let a user believe a reconstruction ran.
+            logger.warning(
+                "reconstruction='lr' is SparseGPT's weight update; method=%r has none, so the result equals "
+                "reconstruction='none' (use 'br' or a GP/CR variant to reconstruct)",
+                self.method,
+            )
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -161,8 +203,8 @@ class PruneConfig:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"device must be a device string such as 'auto', 'cpu' or 'cuda:0', got {self.device!r}")
+        check_device(self.device, "device", allow_auto=True)
+        check_device(self.offload_device, "offload_device", allow_auto=False)
 
     # ------------------------------------------------------------------ derived
     @property

@@ -2,20 +2,24 @@
 
 For block ``i`` (Shin et al. 2024, Sec. 3 and Fig. 1):
 
-1. the dense block (a copy taken before pruning) maps the dense-path inputs to the next dense-path
-   activations, which are the GP targets and the reference for the per-depth error;
+1. block ``i`` itself, before it is pruned, maps the dense-path inputs to the next dense-path
+   activations (the GP targets and the reference for the per-depth error) and, for BR, the
+   sparse-path inputs to the BR targets, so no dense copy of the block is needed;
 2. mask statistics (Hessian for SparseGPT, input norms for Wanda) are collected on the sparse-path
    inputs of the real calibration samples only;
 3. every linear layer is pruned (SparseGPT also applies its closed-form OBS update = LR), and the
    masks are frozen;
-4. BR trains the block towards the dense block on the sparse inputs, GP towards the dense path; CR
-   trains the window of blocks ``i-1, i`` (stride 1) from the sparse inputs of block ``i-1``;
+4. BR trains the block towards its targets on the sparse inputs, GP towards the dense path; CR
+   trains the window of blocks ``i-1, i`` (stride 1) from the sparse inputs of block ``i-1``. The
+   provisional block ``i-1`` waits on ``offload_device`` between its two trainings, and CR without
+   GP keeps a dense copy of it there for the window target;
 5. the sparse-path activations advance, and the error ``MSE(sparse path, dense path)`` at this
-   depth is recorded.
+   depth is recorded; a final block goes back to the device it was on before the run.
 
 Both activation buffers live on ``offload_device``. With a checkpoint directory, each finished
-block, the buffers and the running report are written atomically, so a killed run continues at the
-next block and ends with the same model as an uninterrupted one.
+block, the buffers and the running report are committed atomically (see :class:`_Checkpoint`), so a
+run killed at any point continues at the next block and ends with the same model as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -121,6 +125,14 @@ def check_model_and_calibration(
 ) -> tuple[str, nn.ModuleList]:
     """All checks that must pass before any work is done."""
     path, blocks = check_structure(model, config)
+    for name, actual in (("nsamples", data.num_real), ("seq_len", data.seq_len)):
+        wanted = getattr(config, name)
+        if wanted is not None and wanted != actual:
+            what = "real samples" if name == "nsamples" else "tokens per sample"
+            raise ValueError(
+                f"config.{name}={wanted} but the calibration has {actual} {what}; build the calibration with "
+                f"{name}={wanted} or leave config.{name} unset"
+            )
     limit = max_positions(model)
     if limit is not None and data.seq_len > limit:
         raise ValueError(f"calibration sequence length {data.seq_len} exceeds the model's context of {limit} positions")
@@ -207,11 +219,19 @@ def _block_state(block: nn.Module, masks: dict[str, torch.Tensor], prefix: str) 
 
 
 class _Checkpoint:
-    """Atomic per-block checkpoint: block states, masks, activation buffers, running report."""
+    """Per-block checkpoint whose every step commits by one atomic rename of ``state.json``.
+
+    Each save writes its files under names that no committed state refers to (the step number is
+    part of the name), and only then replaces ``state.json``, which lists the files it owns. A kill
+    at any point therefore leaves either the previous state (whose files are untouched) or the new
+    one; :meth:`load` reads only the files the state lists, and files of an unfinished step or of
+    superseded states are deleted after the next commit.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(directory)
         self.fingerprint = fingerprint
+        self.block_files: dict[int, str] = {}
 
     def _save(self, name: str, obj: Any) -> None:
         target = self.dir / name
@@ -226,12 +246,18 @@ class _Checkpoint:
         state = read_json(state_file)
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
-                f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model, calibration or "
-                "config); use a new directory or delete it"
+                f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model weights, "
+                "calibration or config); use a new directory or delete it"
             )
-        state["buffers"] = torch.load(self.dir / f"buffers_{state['next_block']}.pt", weights_only=True)
+        if "block_files" not in state or "buffers_file" not in state:
+            raise ValueError(
+                f"checkpoint directory {str(self.dir)!r} was written by an older recon-prune whose checkpoints "
+                "are not crash-safe; delete it and rerun"
+            )
+        self.block_files = {int(index): name for index, name in state["block_files"].items()}
+        state["buffers"] = torch.load(self.dir / state["buffers_file"], weights_only=True)
         state["block_states"] = {
-            int(p.stem.split("_")[1]): torch.load(p, weights_only=True) for p in sorted(self.dir.glob("block_*.pt"))
+            index: torch.load(self.dir / name, weights_only=True) for index, name in sorted(self.block_files.items())
         }
         return state
 
@@ -239,24 +265,57 @@ class _Checkpoint:
         self, next_block: int, block_states: dict[int, Any], buffers: dict[str, Any], report: dict[str, Any]
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run saves step next_block > every committed step, so these names are never listed
+        # by the state on disk; a leftover of a crashed attempt at this step is simply overwritten.
+        files = dict(self.block_files)
         for index, state in block_states.items():
-            self._save(f"block_{index:04d}.pt", state)
-        self._save(f"buffers_{next_block}.pt", buffers)
+            files[index] = f"block_{index:04d}.step{next_block:04d}.pt"
+            self._save(files[index], state)
+        buffers_file = f"buffers.step{next_block:04d}.pt"
+        self._save(buffers_file, buffers)
         write_json_atomic(
-            self.dir / "state.json", {"fingerprint": self.fingerprint, "next_block": next_block, "report": report}
+            self.dir / "state.json",
+            {
+                "fingerprint": self.fingerprint,
+                "next_block": next_block,
+                "block_files": {str(index): name for index, name in sorted(files.items())},
+                "buffers_file": buffers_file,
+                "report": report,
+            },
         )
-        for old in self.dir.glob("buffers_*.pt"):
-            if old.name != f"buffers_{next_block}.pt":
+        self.block_files = files
+        owned = {*files.values(), buffers_file, "state.json"}
+        for old in self.dir.glob("*.pt"):
+            if old.name not in owned:
                 old.unlink(missing_ok=True)
 
 
+def _weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """SHA-256 over name, shape, dtype and an evenly strided sample of every tensor of the state dict.
+
+    Exact bytes rather than statistics (a float sum can differ in the last bit between machines and
+    thread counts), and a sample rather than all bytes so a 7B model costs milliseconds: two different
+    trainings or fine-tunes of one architecture differ in virtually every weight.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(model: nn.Module, data: CalibrationData, config: PruneConfig) -> str:
+    """Identity of a run: config, model class, model config, dense weights and calibration ids."""
     digest = hashlib.sha256()
     digest.update(json.dumps(config_to_dict(config), sort_keys=True).encode())
     digest.update(type(model).__name__.encode())
     digest.update(
         json.dumps(getattr(getattr(model, "config", None), "to_dict", dict)(), sort_keys=True, default=str).encode()
     )
+    digest.update(_weights_digest(model).encode())
     digest.update(data.all_ids().numpy().tobytes())
     digest.update(str(data.num_real).encode())
     return digest.hexdigest()
@@ -264,11 +323,33 @@ def _fingerprint(model: nn.Module, data: CalibrationData, config: PruneConfig) -
 
 @dataclass
 class _Window:
-    """CR state carried to the next block: the provisional block i-1, its dense copy and its input."""
+    """CR state carried to the next block: the provisional block i-1 (idle on the offload device),
+    for CR without GP its dense copy (also offloaded), and its sparse-path input."""
 
     block: nn.Module | None = None
     dense: nn.Module | None = None
     sparse_in: torch.Tensor | None = None
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return first.device if first is not None else default
+
+
+def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """Deep copy of ``module`` whose parameters and buffers are created directly on ``device``.
+
+    ``copy.deepcopy`` alone would first duplicate every tensor on the module's own (compute) device.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        copied = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = (
+            nn.Parameter(copied, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copied
+        )
+    return copy.deepcopy(module, memo)
 
 
 def _restore(
@@ -277,7 +358,7 @@ def _restore(
     path: str,
     config: PruneConfig,
     report: PruneReport,
-    device: torch.device,
+    offload: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, _Window]:
     """Load finished blocks, masks, buffers and the running report from a checkpoint."""
     start = saved["next_block"]
@@ -292,9 +373,11 @@ def _restore(
     report.resumed_from_block = start
     window = _Window()
     if config.uses_cr and start > 0:
-        block = blocks[start - 1].to(device, torch.float32)
-        dense = copy.deepcopy(block)
-        dense.load_state_dict(buffers["prev_dense_state"])
+        block = blocks[start - 1].to(offload, torch.float32)
+        dense = None
+        if "prev_dense_state" in buffers:
+            dense = _copy_to(block, offload)
+            dense.load_state_dict(buffers["prev_dense_state"])
         for name, module in find_linears(block).items():
             apply_mask(module, report.masks[f"{path}.{start - 1}.{name}"])
         window = _Window(block=block, dense=dense, sparse_in=buffers["prev_sparse_in"])
@@ -337,7 +420,9 @@ def prune(
     n_real = data.num_real
     all_ids = data.all_ids()
     report = PruneReport(
-        config=config_to_dict(config) | {"hparams": dataclasses.asdict(hparams)},
+        # the calibration's actual shape, which the config's values (if given) were checked against
+        config=config_to_dict(config)
+        | {"nsamples": n_real, "seq_len": data.seq_len, "hparams": dataclasses.asdict(hparams)},
         model_type=model_type,
         blocks_path=path,
         num_blocks=len(blocks),
@@ -347,6 +432,7 @@ def prune(
     checkpoint = _Checkpoint(checkpoint_dir, _fingerprint(model, data, config)) if checkpoint_dir is not None else None
     saved = checkpoint.load() if checkpoint is not None else None
     model_dtype = next(blocks[0].parameters()).dtype
+    homes = [_module_device(block, offload) for block in blocks]  # where each block goes back when final
 
     if saved is None:
         start = 0
@@ -357,17 +443,30 @@ def prune(
     else:
         start = saved["next_block"]
         _, replay = capture_block_inputs(model, all_ids[:1], device=device, offload_device=offload)
-        sparse_in, dense_in, window = _restore(saved, blocks, path, config, report, device)
+        sparse_in, dense_in, window = _restore(saved, blocks, path, config, report, offload)
         log.info("resuming from checkpoint %s at block %d", checkpoint_dir, start)
     replay_dev = replay.to(device)
+    # CR without GP targets the dense window (i-1, i), so the dense block i-1 must outlive its pruning;
+    # every other target is computed from block i itself before it is pruned (no dense copy at all).
+    keeps_dense_copy = config.uses_cr and not config.uses_gp
 
     for i in progress(
         range(start, len(blocks)), desc=f"pruning ({config.method}, {config.reconstruction})", total=len(blocks) - start
     ):
         block = blocks[i].to(device, torch.float32)
         prefix = f"{path}.{i}"
-        dense_block = copy.deepcopy(block)
-        dense_out = _forward([dense_block], replay_dev, dense_in, device, batch)
+        last = i == len(blocks) - 1
+        dense_out = _forward([block], replay_dev, dense_in, device, batch)
+        target = None
+        if config.uses_gp:
+            target = dense_out
+        elif config.uses_block_training:
+            if config.uses_cr and window.block is not None:  # dense window (i-1, i) on block i-1's inputs
+                target = _forward([window.dense.to(device), block], replay_dev, window.sparse_in, device, batch)
+                window.dense = None
+            else:  # BR: the dense block on the sparse-path inputs
+                target = _forward([block], replay_dev, sparse_in, device, batch)
+        dense_copy = _copy_to(block, offload) if keeps_dense_copy and not last else None
         stats = _collect_stats(block, config.method, replay_dev, sparse_in[:n_real], device, batch)
         report.masks.update(_prune_block(block, stats, config, prefix))
         del stats
@@ -376,38 +475,39 @@ def prune(
         finished: dict[int, nn.Module] = {}
         if config.uses_cr:  # train the window (block i-1, block i) from the sparse inputs of block i-1
             prev = window.block
+            if prev is not None:
+                prev.to(device)
             sparse_blocks = [prev, block] if prev is not None else [block]
             window_in = window.sparse_in if prev is not None else sparse_in
-            dense_blocks = [window.dense, dense_block] if prev is not None else [dense_block]
-            target = dense_out if config.uses_gp else _forward(dense_blocks, replay_dev, window_in, device, batch)
             step_report |= train_blocks(sparse_blocks, replay_dev, window_in, target, hparams, device=device, seed=seed)
             if prev is not None:  # block i-1 is final now: its output is block i's input
                 sparse_in = _forward([prev], replay_dev, window.sparse_in, device, batch)
                 report.block_errors[i - 1] = mse(sparse_in[:n_real], dense_in[:n_real])
                 finished[i - 1] = prev
         elif config.uses_block_training:
-            target = dense_out if config.uses_gp else _forward([dense_block], replay_dev, sparse_in, device, batch)
             step_report |= train_blocks([block], replay_dev, sparse_in, target, hparams, device=device, seed=seed)
+        del target
         sparse_out = _forward([block], replay_dev, sparse_in, device, batch)
         report.block_errors[i] = mse(sparse_out[:n_real], dense_out[:n_real])
         report.reconstruction.append(step_report)
-        last = i == len(blocks) - 1
         if not config.uses_cr or last:
             finished[i] = block
-        for done in finished.values():
+        for index, done in finished.items():  # back where the block was before the run, in the model's dtype
             bake_masks(done)
-            done.to(offload, model_dtype)
+            done.to(homes[index], model_dtype)
         keep_window = config.uses_cr and not last
         if checkpoint is not None:
             states = {index: _block_state(done, report.masks, f"{path}.{index}.") for index, done in finished.items()}
             buffers: dict[str, Any] = {"sparse_in": sparse_out, "dense_in": dense_out}
-            if keep_window:  # the provisional block i, the dense block i and block i's input
+            if keep_window:  # the provisional block i, its input and (CR without GP) the dense block i
                 states[i] = _block_state(block, report.masks, f"{prefix}.")
-                buffers |= {"prev_sparse_in": sparse_in, "prev_dense_state": _baked_state(dense_block)}
+                buffers["prev_sparse_in"] = sparse_in
+                if dense_copy is not None:
+                    buffers["prev_dense_state"] = _baked_state(dense_copy)
             progress_so_far = {"block_errors": report.block_errors, "reconstruction": report.reconstruction}
             checkpoint.save(i + 1, states, buffers, progress_so_far)
-        if keep_window:
-            window = _Window(block=block, dense=dense_block, sparse_in=sparse_in)
+        if keep_window:  # idle until it trains again as the first block of the next window
+            window = _Window(block=block.to(offload), dense=dense_copy, sparse_in=sparse_in)
         sparse_in, dense_in = sparse_out, dense_out
         report.elapsed_s = time.perf_counter() - started
         log.info("block %d/%d: error %.4g", i + 1, len(blocks), report.block_errors[i])

@@ -2,9 +2,15 @@
 
 Perplexity follows the protocol of SparseGPT and Wanda (and Shin et al. 2024, Sec. 4): the held-out
 text is joined into one string (wikitext2 test with ``"\\n\\n"``, C4 validation: first 1100
-documents), tokenized once, cut into non-overlapping chunks of the model's context length (the
-ragged tail dropped), and ``exp`` of the token-weighted mean next-token NLL is reported. The
-sequence length, the joining rule and the chunk count are recorded with every number.
+documents), tokenized once, cut into non-overlapping chunks (the ragged tail dropped), and ``exp``
+of the token-weighted mean next-token NLL is reported. The sequence length, the joining rule and the
+chunk count are recorded with every number.
+
+Defaults (:func:`default_eval_chunks`, :func:`default_eval_seq_len`): the whole wikitext2 test set
+and the first 256 chunks of C4, as in SparseGPT (Frantar & Alistarh 2023) and Wanda (Sun et al.
+2024); chunks of 2048 tokens (their LLaMA/OPT setting) capped by the model's context, or the window
+a model was pretrained on when its config records one (``train_seq_len``, set by ``stdlib-tiny``);
+64 chunks of the offline stdlib test split, which is only a quick check.
 """
 
 from __future__ import annotations
@@ -17,6 +23,31 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+PAPER_EVAL_SEQ_LEN = 2048
+# Chunks scored when none are asked for; a source not listed is scored in full (wikitext2, files).
+DEFAULT_EVAL_CHUNKS = {"stdlib": 64, "c4": 256}
+
+
+def default_eval_chunks(source: str) -> int | None:
+    """Chunks of ``source`` scored by default; ``None`` = the whole held-out text."""
+    return DEFAULT_EVAL_CHUNKS.get(source)
+
+
+def trained_seq_len(model: nn.Module) -> int | None:
+    """The window the model was pretrained on, when its config records it (``train_seq_len``)."""
+    value = getattr(getattr(model, "config", None), "train_seq_len", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def default_eval_seq_len(model: nn.Module) -> int:
+    """Chunk length for perplexity: the recorded pretraining window, else 2048 capped by the context."""
+    from recon_prune.driver import max_positions
+
+    limit = max_positions(model)
+    wanted = trained_seq_len(model) or PAPER_EVAL_SEQ_LEN
+    return min(wanted, limit) if limit is not None else wanted
 
 
 @torch.no_grad()

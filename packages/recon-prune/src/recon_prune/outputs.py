@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,18 @@ def commit_dir(staging: Path, target: Path) -> Path:
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+@contextmanager
+def staged_output(target: Path) -> Iterator[Path]:
+    """Yield a fresh staging directory; move it to ``target`` if the block succeeds, delete it if not."""
+    staging = staging_dir(target)
+    try:
+        yield staging
+        commit_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def plot_block_errors(errors: dict[str, list[float | None]], path: Path, title: str = "") -> Path | None:

@@ -11,11 +11,18 @@ AdamW (lr 3e-3, betas (0.9, 0.95), weight decay 0.1), linear warm-up then cosine
 32 x 256 random windows (480 steps, ~4M bytes), bf16 autocast on CPU. The held-out (test split) perplexity per byte is
 recorded in ``stdlib_tiny_record.json`` next to the weights.
 
-Cache: ``$RECON_PRUNE_CACHE`` or ``~/.cache/recon-prune``; the model lives in ``stdlib-tiny-v1``.
+The pretraining window (256) is saved in the model config as ``train_seq_len``; evaluation and the
+CLI's calibration default to it, since the model never saw positions beyond it.
+
+Cache: ``$RECON_PRUNE_CACHE`` or ``~/.cache/recon-prune``; the default recipe's model lives in
+``stdlib-tiny-v1``, any other recipe's in ``stdlib-tiny-v1-<hash of the recipe>``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -78,6 +85,15 @@ class TinyRecipe:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
 
 
+def recipe_cache_name(recipe: TinyRecipe | None = None) -> str:
+    """Cache directory name of the model built by ``recipe`` (the default recipe keeps the plain name)."""
+    recipe = recipe or TinyRecipe()
+    if recipe == TinyRecipe():
+        return CACHE_VERSION
+    canonical = json.dumps(dataclasses.asdict(recipe), sort_keys=True)
+    return f"{CACHE_VERSION}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("RECON_PRUNE_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "recon-prune"
@@ -129,6 +145,7 @@ def build_model(recipe: TinyRecipe) -> Any:
         pad_token_id=256,
         bos_token_id=None,
     )
+    config.train_seq_len = recipe.train_seq_len  # saved in config.json: the default evaluation window
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(config)
 
@@ -200,8 +217,9 @@ def pretrain(recipe: TinyRecipe, output_dir: str | os.PathLike[str], *, show_pro
 
 
 def stdlib_tiny_path(*, recipe: TinyRecipe | None = None, show_progress: bool = True) -> Path:
-    """Directory of the cached ``stdlib-tiny`` model, pretraining it first if it is not cached."""
-    target = cache_dir() / CACHE_VERSION
+    """Directory of the cached ``stdlib-tiny`` model built by ``recipe`` (default: :class:`TinyRecipe`),
+    pretraining it first if it is not cached."""
+    target = cache_dir() / recipe_cache_name(recipe)
     if (target / "config.json").is_file() and (target / "stdlib_tiny_record.json").is_file():
         return target
     log.warning("stdlib-tiny is not cached at %s; pretraining it now (a few minutes, once)", target)
@@ -223,6 +241,11 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | None = N
     path = str(stdlib_tiny_path()) if name_or_path == MODEL_NAME else name_or_path
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    record = Path(path) / "stdlib_tiny_record.json"
+    if getattr(model.config, "train_seq_len", None) is None and record.is_file():  # cached before it was recorded
+        from shin_common import read_json
+
+        model.config.train_seq_len = int(read_json(record)["config"]["train_seq_len"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
