@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def _median_seconds(steppers: dict, steps: int, repeats: int = 5, warmup: int = 
                 step()
             samples[name].append((time.perf_counter() - start) / steps)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def source_state(git: dict | None) -> str:
+    """``git <commit>`` plus whether the measured code differs from that commit.
+
+    ``provenance()``'s dirty flag ignores untracked files, so an uncommitted copy of this script
+    or of the package would go unnoticed; they are checked here as well.
+    """
+    if not git:
+        return "git unknown"
+    own = subprocess.run(
+        ["git", "status", "--porcelain", "--", "tools/bench/sam_overhead.py", "packages/sam-overparam"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    dirty = git.get("dirty") or bool(own.stdout.strip()) or own.returncode != 0
+    return f"git {git['commit'][:10]}" + (" plus uncommitted changes (dirty)" if dirty else " (clean)")
 
 
 def bench_training(name: str, build, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
@@ -155,7 +175,7 @@ def main() -> None:
         f"Produced by `PYTHONPATH=/tmp/sam_peers python tools/bench/sam_overhead.py` on {prov['host']['cpu_count']} CPU cores "
         f"({platform.processor() or platform.machine()}), torch {prov['versions']['torch']}, "
         f"pytorch-optimizer {prov['versions']['pytorch-optimizer']}, hessian-eigenthings "
-        f"{prov['versions']['hessian-eigenthings']}, git {(prov['git'] or {}).get('commit', '?')[:10]}, {prov['created']}.",
+        f"{prov['versions']['hessian-eigenthings']}, {source_state(prov['git'])}, {prov['created']}.",
         "All numbers come from the same process; per-step times are medians of 5 interleaved repeats (after 3 warm-up steps).",
         "",
         "## Seconds per training step",

@@ -2,10 +2,15 @@
 
 Run as ``python sam_ddp_worker.py OUT_DIR PORT``; rank 0 writes the updated parameters to
 ``OUT_DIR/ddp.pt``. Not collected by pytest (no ``test_`` prefix).
+
+The ``amp_overflow`` mode uses a GradScaler and makes the clean pass overflow on rank 1 only in
+the first step: both ranks must skip that step (a rank that went on would wait in the perturbed
+pass's all-reduce), then take the second one normally.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -15,6 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 WORLD_SIZE = 2
+OVERFLOW_RANK = 1
+INIT_SCALE = 2.0**12
 
 
 def build_model() -> nn.Module:
@@ -37,11 +44,13 @@ def worker(rank: int, out_dir: str, port: int) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     from sam_overparam.optim import SAM
 
-    accelerator = Accelerator(cpu=True)
+    # a short collective timeout turns a rank waiting for a skipped pass into an error, not a hang
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[timeout])
     assert accelerator.num_processes == WORLD_SIZE, accelerator.state
     x, y = global_batch()
     shard = slice(rank * 8, (rank + 1) * 8)
@@ -64,10 +73,37 @@ def worker(rank: int, out_dir: str, port: int) -> None:
                 opt.optimizer.step_chunked(closure, [(xs[:4], ys[:4]), (xs[4:], ys[4:])], [0.5, 0.5])
         unwrapped = accelerator.unwrap_model(model)
         results[mode] = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+    results["amp_overflow"] = amp_overflow_run(accelerator, rank, x[shard], y[shard], SAM)
+    gathered = [None] * WORLD_SIZE
+    torch.distributed.all_gather_object(gathered, results["amp_overflow"])
+    results["amp_overflow_all_ranks"] = gathered
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "ddp.pt"))
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
+
+
+def amp_overflow_run(accelerator, rank: int, x: torch.Tensor, y: torch.Tensor, sam_class) -> dict:
+    model = accelerator.prepare(build_model())
+    opt = sam_class(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        loss = F.cross_entropy(model(x), y)
+        if rank == OVERFLOW_RANK and calls["n"] == 1:
+            loss = loss * float("inf")  # the first clean pass overflows here only
+        scaler.scale(loss).backward()
+        return loss
+
+    scales = []
+    for _ in range(2):
+        opt.step(closure, grad_scaler=scaler)
+        scaler.update()
+        scales.append(float(scaler.get_scale()))
+    params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
+    return {"params": params, "scales": scales, "closure_calls": calls["n"]}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -31,10 +32,17 @@ def _load_worker_module():
     return module
 
 
-def test_ddp_step_equals_single_process_on_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """One two-process run serves every test here (process start-up dominates its cost)."""
+    out_dir = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path), str(_free_port())], check=True, env=env, timeout=240)
-    ddp_states = torch.load(tmp_path / "ddp.pt")
+    subprocess.run([sys.executable, str(WORKER), str(out_dir), str(_free_port())], check=True, env=env, timeout=240)
+    return torch.load(out_dir / "ddp.pt")
+
+
+def test_ddp_step_equals_single_process_on_same_global_batch(ddp_results):
+    ddp_states = ddp_results
     worker = _load_worker_module()
     x, y = worker.global_batch()
 
@@ -57,6 +65,29 @@ def test_ddp_step_equals_single_process_on_same_global_batch(tmp_path):
             if "running" in name or "num_batches" in name:
                 continue  # DDP broadcasts rank 0's buffers; single-process saw every shard
             torch.testing.assert_close(ddp_states[mode][name], value, rtol=1e-10, atol=1e-12, msg=f"{mode}: {name}")
+
+
+def test_ddp_amp_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results):
+    # The clean pass runs without gradient sync, so only rank 1 sees the overflow of the first
+    # step; both ranks must agree to skip it. The second step is then the first real update.
+    ranks = ddp_results["amp_overflow_all_ranks"]
+    worker = _load_worker_module()
+    x, y = worker.global_batch()
+    model = worker.build_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
+
+    def closure(chunk, model=model):
+        loss = F.cross_entropy(model(chunk[0]), chunk[1])
+        loss.backward()
+        return loss
+
+    opt.step_chunked(closure, [(x[:8], y[:8]), (x[8:], y[8:])], [0.5, 0.5])
+    for rank, result in enumerate(ranks):
+        # skipped step: the scale backs off once (x0.5) and then stays; 1 + 2 closure calls
+        assert result["scales"] == [worker.INIT_SCALE / 2, worker.INIT_SCALE / 2], rank
+        assert result["closure_calls"] == 3, rank
+        for name, value in model.named_parameters():
+            torch.testing.assert_close(result["params"][name], value.detach(), rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_per_device_perturbation_differs_from_global_one():

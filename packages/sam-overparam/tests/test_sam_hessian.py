@@ -144,6 +144,57 @@ def test_linear_stability_operator(setup, rho):
     assert hs.linear_stability(op, lr=lr, rho=rho, steps=op.dim) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["operator", "lambda", "tensor_matmul", "stability"])
+def test_defaults_follow_a_float64_operator(setup, kind):
+    # No dtype given: the vectors must be float64 like the operator, not float32 (which made
+    # power iteration fail on torch.dot and Lanczos silently round the products to float32).
+    op, per_batch, full = setup
+    if kind == "operator":
+        matvec, dense = op.matvec, full
+    elif kind == "lambda":  # a plain callable: dtype and device come from one probe product
+        matvec, dense = (lambda v: op.power_matvec(v, 2)), full @ full
+    elif kind == "tensor_matmul":
+        matvec, dense = full.matmul, full
+    else:
+        # lr and rho chosen for a well-separated top eigenvalue, so power iteration is quick
+        matvec = hs.stability_matvec(op, 5.0, 1.0)
+        eye = torch.eye(op.dim, dtype=torch.float64)
+        factors = [eye - 5.0 * (h + 1.0 * h @ h) for h in per_batch]
+        dense = sum(f @ f for f in factors) / len(factors)
+    eigs = torch.linalg.eigvalsh(dense)
+    value, vector = hs.power_iteration(matvec, op.dim, iters=2000, tol=1e-12)
+    assert vector.dtype == torch.float64
+    assert value == pytest.approx(float(eigs[eigs.abs().argmax()]), rel=1e-6)
+    top = hs.top_eigenvalue_lanczos(matvec, op.dim, steps=op.dim, k=2)
+    assert top.dtype == torch.float64
+    torch.testing.assert_close(top, eigs.flip(0)[:2], rtol=1e-9, atol=1e-11)
+    alphas, _, basis = hs.lanczos(matvec, op.dim, 6)
+    assert alphas.dtype == basis.dtype == torch.float64
+    exact = hs.hutchinson_trace(matvec, op.dim, num_probes=None)
+    assert exact.value == pytest.approx(float(torch.trace(dense)), rel=1e-11)
+    density = hs.spectral_density(matvec, op.dim, num_probes=2, steps=op.dim, seed=5)
+    assert density.nodes[0].dtype == torch.float64
+    assert density.moment(1) == pytest.approx(hs.hutchinson_trace(matvec, op.dim, num_probes=2, seed=5).value, rel=1e-9)
+
+
+def test_matvec_whose_dtype_cannot_be_probed_asks_for_it(setup):
+    op, _, full = setup
+    dense = full.clone()
+    with pytest.raises(TypeError, match=r"a probe product with torch.float32 on cpu failed .*pass dtype="):
+        hs.power_iteration(lambda v: dense @ v, op.dim)
+    value, _ = hs.power_iteration(lambda v: dense @ v, op.dim, iters=2000, tol=1e-12, dtype=torch.float64)
+    eigs = torch.linalg.eigvalsh(full)
+    assert value == pytest.approx(float(eigs[eigs.abs().argmax()]), rel=1e-6)
+
+
+def test_explicit_dtype_still_wins(setup):
+    op, _, full = setup
+    value, vector = hs.power_iteration(op.matvec, op.dim, iters=500, tol=1e-7, dtype=torch.float32)
+    assert vector.dtype == torch.float32
+    eigs = torch.linalg.eigvalsh(full)
+    assert value == pytest.approx(float(eigs[eigs.abs().argmax()]), rel=1e-4)
+
+
 def test_batchnorm_buffers_untouched_by_analysis():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()

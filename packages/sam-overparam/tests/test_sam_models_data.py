@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -62,6 +63,29 @@ def test_snip_is_global_top_grad_times_weight():
     # global: layers end up with different densities
     densities = {n: float(m.float().mean()) for n, m in masks.items()}
     assert len({round(d, 3) for d in densities.values()}) > 1
+
+
+def test_snip_scoring_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = models.CifarResNet(4, blocks=(1, 1), num_classes=3, in_channels=1)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    scorer = copy.deepcopy(model)
+    masks = models.compute_masks(model, "snip", 0.5, batch=(x, y), loss_fn=loss_fn)
+    assert model.training
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    # the scores still come from a training-mode forward (batch statistics), as in SNIP
+    loss_fn(scorer, (x, y)).backward()
+    layers = models.prunable_weights(scorer)
+    scores = torch.cat([(m.weight.grad * m.weight).abs().reshape(-1) for m in layers.values()])
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.topk(round(0.5 * scores.numel())).indices] = True
+    assert torch.equal(torch.cat([masks[name].reshape(-1) for name in layers]), keep)
 
 
 def test_masks_apply_in_every_forward_and_survive_sam_training():

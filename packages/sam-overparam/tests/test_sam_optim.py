@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sam_overparam.optim import SAM, frozen_batchnorm_stats
+from sam_overparam.optim import SAM, _found_inf_on_any_rank, frozen_batchnorm_stats
 
 
 def _closure(model, x, y):
@@ -68,8 +68,9 @@ def test_one_step_matches_hand_computation(variant):
     y = torch.randn(10, dtype=torch.float64)
     w0 = torch.randn(4, dtype=torch.float64)
     w = nn.Parameter(w0.clone())
-    # weight decay through SAM (outside the ascent, at the unperturbed weights)
-    opt = SAM([w], torch.optim.SGD, rho=0.3, lr=0.1, weight_decay=0.01, **variant)
+    # weight decay through SAM (outside the ascent, at the unperturbed weights); w is 1-D and
+    # unnamed, so ASAM rescales it only with adaptive_scope="all"
+    opt = SAM([w], torch.optim.SGD, rho=0.3, lr=0.1, weight_decay=0.01, adaptive_scope="all", **variant)
 
     def closure():
         loss = ((X @ w - y) ** 2).mean()
@@ -186,6 +187,29 @@ def test_m_sharpness_chunks_equal_manual_per_chunk_computation(mlp_factory, batc
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-12)
 
 
+def test_m_sharpness_updates_batchnorm_statistics_once_per_chunk_clean_pass(mlp_factory, batch_factory):
+    # Each chunk's clean pass is a training forward (as on k devices with their own BatchNorm);
+    # the perturbed passes leave the statistics alone.
+    model = mlp_factory(torch.float64, batchnorm=True)
+    reference = copy.deepcopy(model)
+    x, y = batch_factory(12, torch.float64)
+    chunks = [(x[s : s + 4], y[s : s + 4]) for s in range(0, 12, 4)]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model)
+
+    def closure(chunk):
+        loss = F.cross_entropy(model(chunk[0]), chunk[1])
+        loss.backward()
+        return loss
+
+    opt.step_chunked(closure, chunks, [1 / 3] * 3)
+    for xb, _ in chunks:
+        reference(xb)  # the clean forwards, at the unchanged weights
+    bn, ref_bn = model[1], reference[1]
+    assert int(bn.num_batches_tracked) == 3
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=1e-12, atol=1e-14)
+
+
 def test_state_dict_round_trip_resumes_bitwise(mlp_factory, batch_factory, tmp_path):
     x, y = batch_factory()
     model = mlp_factory()
@@ -287,7 +311,7 @@ def test_bad_inputs_raise_clear_errors(mlp_factory):
     params = list(mlp_factory().parameters())
     with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -0.1"):
         SAM(params, torch.optim.SGD, rho=-0.1, lr=0.1)
-    with pytest.raises(ValueError, match=r"rho must be >= 0"):
+    with pytest.raises(ValueError, match=r"rho must be a finite number >= 0, got -1.0 in a parameter group"):
         SAM([{"params": params, "rho": -1.0}], torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match=r"subclass of torch.optim.Optimizer"):
         SAM(params, "sgd", lr=0.1)
@@ -300,3 +324,134 @@ def test_bad_inputs_raise_clear_errors(mlp_factory):
         opt.second_step()
     with pytest.raises(ValueError, match=r"max_grad_norm"):
         SAM(params, torch.optim.SGD, lr=0.1, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        ({"adaptive_eta": -0.5}, r"adaptive_eta must be a finite number >= 0, got -0.5 in a parameter group"),
+        ({"adaptive_eta": float("nan")}, r"adaptive_eta must be a finite number >= 0, got nan"),
+        ({"sam_weight_decay": -1e-4}, r"weight_decay must be a finite number >= 0, got -0.0001 in a parameter group"),
+        ({"weight_decay": -1e-4}, r"weight_decay must be a finite number >= 0, got -0.0001 in a parameter group"),
+        ({"adaptive_scope": "biases"}, r"adaptive_scope must be one of \('weights', 'all'\), got 'biases'"),
+    ],
+)
+def test_bad_parameter_group_values_raise_clear_errors(mlp_factory, group, message):
+    model = mlp_factory()
+    with pytest.raises(ValueError, match=message):
+        SAM([{"params": list(model.parameters()), **group}], torch.optim.SGD, lr=0.1)
+    opt = SAM(list(model[0].parameters()), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": list(model[2].parameters()), **group})
+    with pytest.raises(ValueError, match=r"adaptive_scope must be one of"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, adaptive_scope="bias")
+
+
+def test_grad_scaler_with_weight_decay_in_ascent_equals_unscaled(mlp_factory, batch_factory):
+    # The decay term wd * (w + e) is added to the perturbed gradients: it must join them after
+    # unscaling, or it ends up divided by the (large) scale.
+    x, y = batch_factory()
+    plain, scaled = mlp_factory(), mlp_factory()
+    kwargs = dict(rho=0.05, lr=0.1, momentum=0.9, weight_decay=0.05, weight_decay_in_ascent=True)
+    opt_plain = SAM(plain.parameters(), torch.optim.SGD, **kwargs)
+    opt_scaled = SAM(scaled.parameters(), torch.optim.SGD, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    def scaled_closure():
+        loss = F.cross_entropy(scaled(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    for _ in range(3):
+        opt_plain.step(_closure(plain, x, y))
+        opt_scaled.step(scaled_closure, grad_scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**16  # no step was skipped
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_found_inf_agreement_is_local_without_distributed():
+    assert not torch.distributed.is_initialized()
+    assert _found_inf_on_any_rank(True) is True
+    assert _found_inf_on_any_rank(False) is False
+
+
+def _asam_model():
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize(
+    ("how", "scaled_names"),
+    [
+        # names known: the official rule, every parameter whose name contains "weight"
+        ("model", {"0.weight", "1.weight", "3.weight"}),
+        ("named_parameters", {"0.weight", "1.weight", "3.weight"}),
+        # no names: matrices only (LayerNorm's 1-D weight is left unscaled)
+        ("parameters", {"0.weight", "3.weight"}),
+        ("all", {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}),
+    ],
+)
+def test_asam_rescales_weights_only_like_the_official_code(how, scaled_names):
+    model = _asam_model()
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,), generator=generator)
+    rho, lr, eta = 0.2, 0.1, 0.01
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_at(params):
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    g = torch.func.grad(loss_at)(w0)
+    t = {n: (w0[n].abs() + eta) if n in scaled_names else torch.ones_like(w0[n]) for n in w0}
+    norm = torch.sqrt(sum(((t[n] * g[n]) ** 2).sum() for n in w0))
+    g_sam = torch.func.grad(loss_at)({n: w0[n] + rho * t[n] ** 2 * g[n] / (norm + 1e-12) for n in w0})
+    expected = {n: w0[n] - lr * g_sam[n] for n in w0}
+
+    common = dict(rho=rho, lr=lr, adaptive=True, adaptive_eta=eta)
+    if how == "model":
+        opt = SAM(model.parameters(), torch.optim.SGD, model=model, **common)
+    elif how == "named_parameters":
+        opt = SAM(model.named_parameters(), torch.optim.SGD, **common)
+    elif how == "parameters":
+        opt = SAM(model.parameters(), torch.optim.SGD, **common)
+    else:
+        opt = SAM(model.parameters(), torch.optim.SGD, adaptive_scope="all", model=model, **common)
+    opt.step(_closure(model, x, y))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_sam_weight_decay_equals_base_weight_decay_under_clipping():
+    # torch.optim.SGD adds its weight_decay after clipping (inside step()); SAM's must too.
+    torch.manual_seed(5)
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = 10 * torch.randn(10, dtype=torch.float64)
+    w0 = torch.randn(4, dtype=torch.float64)
+    rho, lr, wd, clip = 0.1, 0.5, 0.3, 0.5
+
+    def run(base_weight_decay=0.0, **kwargs):
+        w = nn.Parameter(w0.clone())
+        group = {"params": [w], "weight_decay": base_weight_decay}  # the base SGD's own decay
+        opt = SAM([group], torch.optim.SGD, rho=rho, lr=lr, max_grad_norm=clip, **kwargs)
+
+        def closure():
+            loss = ((X @ w - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach()
+
+    def grad(v):
+        return 2.0 / 10 * X.T @ (X @ v - y)
+
+    g = grad(w0)
+    g_sam = grad(w0 + rho * g / (g.norm() + 1e-12))
+    assert g_sam.norm() > clip  # clipping is active
+    expected = w0 - lr * (g_sam * clip / (g_sam.norm() + 1e-6) + wd * w0)  # clip_grad_norm_'s 1e-6
+    through_sam = run(weight_decay=wd)
+    torch.testing.assert_close(through_sam, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(through_sam, run(base_weight_decay=wd), rtol=1e-14, atol=1e-14)

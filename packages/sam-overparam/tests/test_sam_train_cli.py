@@ -48,7 +48,29 @@ def test_training_is_seeded_and_tracks_best_epoch():
     accuracies = [h["test_accuracy"] for h in metrics_a["history"]]
     assert metrics_a["best_test"] == max(accuracies) == metrics_b["best_test"]
     assert metrics_a["history"][metrics_a["best_epoch"] - 1]["test_accuracy"] == metrics_a["best_test"]
-    assert [h["lr"] for h in metrics_a["history"]] == pytest.approx([0.01, 0.001, 0.0001, 0.0001])
+    # milestones at epochs 1, 2, 3: the lr each epoch was trained with
+    assert [h["lr"] for h in metrics_a["history"]] == pytest.approx([0.1, 0.01, 0.001, 0.0001])
+
+
+def test_weight_decay_in_ascent_reaches_sam():
+    model = torch.nn.Linear(3, 2)
+    inside = train_lib.build_optimizer(TrainConfig(weight_decay=0.01, weight_decay_in_ascent=True), model)
+    outside = train_lib.build_optimizer(TrainConfig(weight_decay=0.01), model)
+    assert inside.param_groups[0]["weight_decay_in_ascent"] is True
+    assert outside.param_groups[0]["weight_decay_in_ascent"] is False
+    assert inside.param_groups[0]["sam_weight_decay"] == outside.param_groups[0]["sam_weight_decay"] == 0.01
+    assert inside.model is model
+    # and it changes the update: the ascent sees wd * w
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    start = [p.detach().clone() for p in model.parameters()]
+    updates = []
+    for opt in (inside, outside):
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start, strict=True):
+                p.copy_(p0)
+        train_lib._train_step(TrainConfig(), model, opt, x, y)
+        updates.append([p.detach().clone() for p in model.parameters()])
+    assert not torch.allclose(updates[0][0], updates[1][0], rtol=0, atol=1e-9)
 
 
 def test_sparse_and_regression_runs():

@@ -5,6 +5,11 @@ they apply equally to the full-data Hessian ``H``, a minibatch Hessian ``H_B``, 
 the SAM stability operator. :class:`HessianOperator` builds those matvecs from a model, a loss and
 a list of batches.
 
+The vectors take the operator's dtype and device unless ``dtype=`` / ``device=`` are given: a
+matvec that is a method of an object with ``dtype`` and ``device`` (a :class:`HessianOperator`, a
+tensor's ``matmul``) or carries them itself (:func:`stability_matvec`) says what they are; for
+any other callable they are read off one probe product ``matvec(ones)``.
+
 References:
 
 * HVP by double back-propagation: Pearlmutter, "Fast exact multiplication by the Hessian",
@@ -97,9 +102,14 @@ class HessianOperator:
             hv = torch.autograd.grad(grads, self.params, grad_outputs=self._split(vector))
         return torch.cat([h.reshape(-1) for h in hv]).detach()
 
+    def _zeros(self) -> torch.Tensor:
+        # products are in the operator's own dtype, whatever the vector's (autograd computes
+        # them in the parameters' dtype anyway), so a probe product reveals it
+        return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """``H v`` for the full-data Hessian (size-weighted mean of the batch Hessians)."""
-        total = torch.zeros_like(vector)
+        total = self._zeros()
         for index, weight in enumerate(self.weights):
             total.add_(self.batch_matvec(index, vector), alpha=weight)
         return total
@@ -117,7 +127,7 @@ class HessianOperator:
 
     def expected_matvec(self, vector: torch.Tensor, power: int) -> torch.Tensor:
         """``E_B[H_B^k] v``."""
-        total = torch.zeros_like(vector)
+        total = self._zeros()
         for index, weight in enumerate(self.weights):
             total.add_(self.batch_power_matvec(index, vector, power), alpha=weight)
         return total
@@ -133,22 +143,61 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _vector_options(
+    matvec: Matvec, dim: int, dtype: torch.dtype | None, device: torch.device | str | None
+) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the vectors fed to ``matvec`` (see the module docstring)."""
+    if dtype is None or device is None:
+        owner = getattr(matvec, "__self__", matvec)
+        dtype = dtype if dtype is not None else getattr(owner, "dtype", None)
+        device = device if device is not None else getattr(owner, "device", None)
+    if dtype is None or device is None:
+        probe_dtype, probe_device = dtype or torch.get_default_dtype(), device or "cpu"
+        try:
+            probe = matvec(torch.ones(dim, dtype=probe_dtype, device=probe_device))
+        except RuntimeError as err:
+            raise TypeError(
+                f"cannot tell the dtype and device of matvec's vectors: a probe product with {probe_dtype} "
+                f"on {probe_device} failed ({err}); pass dtype= and device="
+            ) from err
+        dtype = dtype if dtype is not None else probe.dtype
+        device = device if device is not None else probe.device
+    return dtype, torch.device(device)
+
+
+def _gaussian(dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # drawn on the CPU (the generator's device), so a seed gives the same start on every device
+    return torch.randn(dim, generator=_generator(seed), dtype=dtype).to(device)
+
+
+def _rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype=dtype, device=device)
+
+
 def power_iteration(
-    matvec: Matvec, dim: int, *, iters: int = 100, tol: float = 1e-6, seed: int = 0, dtype: torch.dtype = torch.float32
+    matvec: Matvec,
+    dim: int,
+    *,
+    iters: int = 100,
+    tol: float = 1e-6,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Eigenvalue of largest *magnitude* and its unit eigenvector by power iteration.
 
     Stops when the Rayleigh quotient changes by less than ``tol`` relative. For a Hessian with a
     large negative eigenvalue this returns that one; use :func:`top_eigenvalue_lanczos` for the
-    largest algebraic eigenvalue. (Default: iters=100, tol=1e-6)
+    largest algebraic eigenvalue. (Default: iters=100, tol=1e-6, dtype and device the operator's)
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    v = torch.randn(dim, generator=_generator(seed), dtype=dtype)
+    dtype, device = _vector_options(matvec, dim, dtype, device)
+    v = _gaussian(dim, seed, dtype, device)
     v /= v.norm()
     eigenvalue = 0.0
     for step in range(iters):
-        w = matvec(v)
+        w = matvec(v).to(v)
         new = float(torch.dot(v, w))
         norm = w.norm()
         if norm == 0:
@@ -168,17 +217,20 @@ def lanczos(
     *,
     seed: int = 0,
     start: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``steps`` Lanczos iterations with full reorthogonalisation (Golub & Van Loan Alg. 10.1.1).
 
     Returns ``(alphas, betas, Q)``: the diagonal and off-diagonal of the tridiagonal ``T`` and the
     orthonormal basis (columns). Stops early, with a smaller ``T``, on an invariant subspace.
+    (Default: dtype and device the operator's)
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     steps = min(steps, dim)
-    q = start.clone().to(dtype) if start is not None else torch.randn(dim, generator=_generator(seed), dtype=dtype)
+    dtype, device = _vector_options(matvec, dim, dtype, device)
+    q = start.to(dtype=dtype, device=device, copy=True) if start is not None else _gaussian(dim, seed, dtype, device)
     q /= q.norm()
     basis = [q]
     alphas: list[torch.Tensor] = []
@@ -200,7 +252,7 @@ def lanczos(
         basis.append(w / beta)
     return (
         torch.stack(alphas),
-        (torch.stack(betas) if betas else torch.zeros(0, dtype=dtype)),
+        (torch.stack(betas) if betas else torch.zeros(0, dtype=dtype, device=device)),
         torch.stack(basis, dim=1),
     )
 
@@ -213,10 +265,21 @@ def _tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
 
 
 def top_eigenvalue_lanczos(
-    matvec: Matvec, dim: int, *, steps: int = 30, k: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+    matvec: Matvec,
+    dim: int,
+    *,
+    steps: int = 30,
+    k: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The ``k`` largest (algebraic) Ritz values after ``steps`` Lanczos iterations, descending."""
-    alphas, betas, _ = lanczos(matvec, dim, steps, seed=seed, dtype=dtype)
+    """The ``k`` largest (algebraic) Ritz values after ``steps`` Lanczos iterations, descending.
+
+    (Default: dtype and device the operator's)
+    """
+    dtype, device = _vector_options(matvec, dim, dtype, device)
+    alphas, betas, _ = lanczos(matvec, dim, steps, seed=seed, dtype=dtype, device=device)
     ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas).double())
     return ritz.flip(0)[:k].to(dtype)
 
@@ -230,24 +293,34 @@ class TraceEstimate:
     num_probes: int
 
 
-def _probes(dim: int, num_probes: int | None, seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def _probes(
+    dim: int, num_probes: int | None, seed: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     if num_probes is None:  # exact: the standard basis (only for small models)
-        return list(torch.eye(dim, dtype=dtype))
+        return list(torch.eye(dim, dtype=dtype, device=device))
     generator = _generator(seed)
-    return [(torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype) for _ in range(num_probes)]
+    return [_rademacher(dim, generator, dtype, device) for _ in range(num_probes)]
 
 
 def hutchinson_trace(
-    matvec: Matvec, dim: int, *, num_probes: int | None = 100, seed: int = 0, dtype: torch.dtype = torch.float32
+    matvec: Matvec,
+    dim: int,
+    *,
+    num_probes: int | None = 100,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> TraceEstimate:
     """Hutchinson's ``tr(A) ~ mean z^T A z`` with Rademacher probes.
 
     ``num_probes=None`` uses the ``dim`` standard basis vectors and gives the exact trace.
     Negative estimates are returned as they are (unlike PyHessian, which stops on them).
+    (Default: dtype and device the operator's)
     """
     if num_probes is not None and num_probes < 1:
         raise ValueError(f"num_probes must be >= 1 or None, got {num_probes}")
-    samples = torch.stack([torch.dot(z, matvec(z).to(dtype)) for z in _probes(dim, num_probes, seed, dtype)])
+    dtype, device = _vector_options(matvec, dim, dtype, device)
+    samples = torch.stack([torch.dot(z, matvec(z).to(z)) for z in _probes(dim, num_probes, seed, dtype, device)])
     if num_probes is None:
         return TraceEstimate(value=float(samples.sum()), stderr=0.0, num_probes=dim)
     stderr = float(samples.std() / math.sqrt(len(samples))) if len(samples) > 1 else float("nan")
@@ -265,6 +338,7 @@ def trace_of_powers(
             num_probes=num_probes,
             seed=seed,
             dtype=operator.dtype,
+            device=operator.device,
         )
         for k in powers
     }
@@ -309,7 +383,7 @@ def moment_nonuniformity(
             raise ValueError(f"powers must be >= 1, got {k}")
         expected = lambda v, k=k: operator.expected_matvec(v, k)  # noqa: E731
         full = lambda v, k=k: operator.power_matvec(v, k)  # noqa: E731
-        kw = dict(num_probes=num_probes, seed=seed, dtype=operator.dtype)
+        kw = dict(num_probes=num_probes, seed=seed, dtype=operator.dtype, device=operator.device)
         results.append(
             MomentNonUniformity(
                 power=k,
@@ -317,11 +391,18 @@ def moment_nonuniformity(
                 trace_full=hutchinson_trace(full, operator.dim, **kw).value,
                 top_expected=float(
                     top_eigenvalue_lanczos(
-                        expected, operator.dim, steps=lanczos_steps, seed=seed, dtype=operator.dtype
+                        expected,
+                        operator.dim,
+                        steps=lanczos_steps,
+                        seed=seed,
+                        dtype=operator.dtype,
+                        device=operator.device,
                     )[0]
                 ),
                 top_full=float(
-                    top_eigenvalue_lanczos(full, operator.dim, steps=lanczos_steps, seed=seed, dtype=operator.dtype)[0]
+                    top_eigenvalue_lanczos(
+                        full, operator.dim, steps=lanczos_steps, seed=seed, dtype=operator.dtype, device=operator.device
+                    )[0]
                 ),
             )
         )
@@ -361,14 +442,19 @@ def spectral_density(
     num_probes: int = 4,
     steps: int = 40,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> SpectralDensity:
-    """Stochastic Lanczos quadrature: ``num_probes`` Rademacher starts, ``steps`` Lanczos steps each."""
+    """Stochastic Lanczos quadrature: ``num_probes`` Rademacher starts, ``steps`` Lanczos steps each.
+
+    (Default: dtype and device the operator's)
+    """
+    dtype, device = _vector_options(matvec, dim, dtype, device)
     generator = _generator(seed)
     nodes, weights = [], []
     for _ in range(num_probes):
-        z = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype)
-        alphas, betas, _ = lanczos(matvec, dim, steps, start=z, dtype=dtype)
+        z = _rademacher(dim, generator, dtype, device)
+        alphas, betas, _ = lanczos(matvec, dim, steps, start=z, dtype=dtype, device=device)
         ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas).double())
         nodes.append(ritz.to(dtype))
         weights.append((vectors[0] ** 2).to(dtype))
@@ -389,6 +475,9 @@ def stability_matvec(operator: HessianOperator, lr: float, rho: float) -> Matvec
             total.add_(one_factor(index, one_factor(index, v)), alpha=weight)
         return total
 
+    # lets the eigensolvers pick the operator's dtype and device by default
+    matvec.dtype = operator.dtype  # type: ignore[attr-defined]
+    matvec.device = operator.device  # type: ignore[attr-defined]
     return matvec
 
 
@@ -404,8 +493,4 @@ def linear_stability(
         raise ValueError(f"lr must be > 0, got {lr}")
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho}")
-    return float(
-        top_eigenvalue_lanczos(
-            stability_matvec(operator, lr, rho), operator.dim, steps=steps, seed=seed, dtype=operator.dtype
-        )[0]
-    )
+    return float(top_eigenvalue_lanczos(stability_matvec(operator, lr, rho), operator.dim, steps=steps, seed=seed)[0])

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sam_overparam.optim import frozen_batchnorm_stats
+
 log = logging.getLogger(__name__)
 
 SparsityMethod = Literal["random", "snip", "magnitude"]
@@ -169,7 +171,9 @@ def compute_masks(
     """Boolean keep-masks ``{module_name: mask}`` with exactly ``round((1 - sparsity) n)`` kept
     weights per layer (``random``, ``magnitude``) or over all prunable weights (``snip``).
 
-    ``snip`` needs ``batch`` and ``loss_fn(model, batch)``; the score is ``|dL/dw * w|``.
+    ``snip`` needs ``batch`` and ``loss_fn(model, batch)``; the score is ``|dL/dw * w|``. Its
+    scoring pass normalises with batch statistics (in training mode) but leaves BatchNorm running
+    statistics untouched, so computing masks does not change the model.
     """
     _check_sparsity(sparsity)
     if method not in SPARSITY_METHODS:
@@ -191,7 +195,8 @@ def compute_masks(
     if batch is None or loss_fn is None:
         raise ValueError("snip masks need a batch and loss_fn(model, batch) to score |grad * weight|")
     weights = [module.weight for module in layers.values()]
-    grads = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
+    with torch.enable_grad(), frozen_batchnorm_stats(model):
+        grads = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
     scores = [
         (torch.zeros_like(w) if g is None else (g * w).abs()).detach() for g, w in zip(grads, weights, strict=True)
     ]

@@ -12,16 +12,26 @@ Variants, selected per parameter group:
 
 * ``adaptive=True`` -- ASAM (Kwon et al., ICML 2021, eq. 9 and their Algorithm 1):
   ``T = |w| + adaptive_eta``, ``e = rho * T^2 g / ||T g||``. (Unlike davda54/sam, which uses
-  ``T = |w|``, the ``eta`` offset of the official ASAM is kept so zero weights still move.)
+  ``T = |w|``, the ``eta`` offset of the official ASAM is kept so zero weights still move.) As in
+  the official implementation (SamsungLabs/ASAM, ``asam.py``), only *weights* are rescaled:
+  parameters whose name contains ``"weight"``; biases use ``T = 1``. Names come from ``model=``
+  or from named parameters (``model.named_parameters()``); without names a parameter counts as
+  a weight when it has more than one dimension (which leaves 1-D normalisation weights
+  unscaled, unlike the name rule). ``adaptive_scope="all"`` rescales every parameter.
 * ``unnormalized=True`` -- USAM, ``e = rho * g`` (Andriushchenko & Flammarion, ICML 2022), the form
   analysed by Shin et al. (arXiv 2311.17539, Sec. 5): linearised at a minimum it gives
   ``e+ = (I - eta (H_B + rho H_B^2)) e``.
 
 Weight decay, following Shin et al.'s training details (and the authors' code), is applied
 *outside* the ascent by default: the descent gradient gets ``wd * w`` at the unperturbed
-weights and the ascent uses the plain loss gradient. ``weight_decay_in_ascent=True`` instead
-behaves as if ``wd/2 ||w||^2`` were part of the loss (google-research/sam): both passes see it,
-the second at ``w + e``.
+weights, after any gradient clipping (exactly where ``torch.optim.SGD`` adds its own
+``weight_decay``), and the ascent uses the plain loss gradient. ``weight_decay_in_ascent=True``
+instead behaves as if ``wd/2 ||w||^2`` were part of the loss (google-research/sam): both passes
+see it, the second at ``w + e``, and it is clipped with the loss gradient.
+
+BatchNorm: only with ``model=`` does SAM know which modules to freeze in the perturbed pass.
+Without it (the default, since an optimizer only sees parameters) BatchNorm running statistics
+are updated by *both* passes, the second time with statistics of the perturbed network.
 
 The unperturbed weights are restored by *copy*, not by subtracting ``e``, so ``rho = 0`` (and
 any rho in exact arithmetic) returns the base optimizer's update bit for bit.
@@ -46,6 +56,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = ["SAM", "frozen_batchnorm_stats"]
+
+ADAPTIVE_SCOPES = ("weights", "all")
 
 
 @contextlib.contextmanager
@@ -84,6 +96,26 @@ def _check_base_optimizer(base_optimizer: Any) -> None:
         )
 
 
+def _found_inf_on_any_rank(found_inf: bool, device: torch.device | str = "cpu") -> bool:
+    """``found_inf`` OR-ed over all processes when ``torch.distributed`` is initialised.
+
+    The clean pass runs without gradient synchronisation, so an overflow can occur on one rank
+    only; every rank must then skip, or the others would wait forever in the perturbed pass's
+    all-reduce. ``device`` holds the flag (a CUDA device for NCCL).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return found_inf
+    flag = torch.tensor([1.0 if found_inf else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _check_number(name: str, value: Any, where: str = "") -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}{where}")
+
+
 class SAM(torch.optim.Optimizer):
     """SAM / ASAM / USAM around any base optimizer.
 
@@ -94,17 +126,26 @@ class SAM(torch.optim.Optimizer):
         rho: perturbation radius, >= 0. (Default: 0.05, Shin et al. / Foret et al.)
         adaptive: ASAM scaling ``T = |w| + adaptive_eta``. (Default: False)
         adaptive_eta: ASAM's offset. (Default: 0.01, Kwon et al.)
+        adaptive_scope: which parameters ASAM rescales: ``"weights"`` (the official ASAM: names
+            containing ``"weight"`` when names are known from ``model=`` or named parameters,
+            otherwise parameters with ``ndim > 1``; the rest get ``T = 1``) or ``"all"``.
+            (Default: "weights")
         unnormalized: USAM, ``e = rho * g``. (Default: False)
         eps: added to the gradient norm. (Default: 1e-12, as in the authors' code)
-        weight_decay: L2 coefficient handled by SAM (the base optimizer's own ``weight_decay`` is
-            also fine and is equivalent to ``weight_decay_in_ascent=False``). (Default: 0)
+        weight_decay: L2 coefficient handled by SAM. With ``weight_decay_in_ascent=False`` it is
+            added at the unperturbed weights after clipping, so it is equivalent to the base
+            optimizer's own ``weight_decay`` (for SGD). (Default: 0)
         weight_decay_in_ascent: apply ``weight_decay`` in both passes as part of the loss instead
-            of once at the unperturbed weights. (Default: False)
+            of once at the unperturbed weights; it is then clipped with the loss gradient.
+            (Default: False)
         max_grad_norm: clip the descent gradient (after unscaling, before the base step) to this
             total norm. (Default: None)
-        model: the module being trained (possibly DDP-wrapped). When given, :meth:`step` runs the
-            first pass under ``model.no_sync()`` (each device perturbs with its own gradient, as
-            in the paper) and the second pass with BatchNorm running statistics frozen.
+        model: the module being trained (possibly DDP-wrapped). **Pass it whenever the model has
+            BatchNorm or runs under DDP**: :meth:`step` then runs the first pass under
+            ``model.no_sync()`` (each device perturbs with its own gradient, as in the paper) and
+            the second pass with BatchNorm running statistics frozen. Without it both passes
+            update the running statistics and the first pass synchronises gradients (one
+            global perturbation). Its parameter names also select ASAM's weights.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
     """
 
@@ -116,6 +157,7 @@ class SAM(torch.optim.Optimizer):
         *,
         adaptive: bool = False,
         adaptive_eta: float = 0.01,
+        adaptive_scope: str = "weights",
         unnormalized: bool = False,
         eps: float = 1e-12,
         weight_decay: float = 0.0,
@@ -126,30 +168,58 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         _check_base_optimizer(base_optimizer)
         for name, value in (("rho", rho), ("adaptive_eta", adaptive_eta), ("eps", eps), ("weight_decay", weight_decay)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _check_number(name, value)
+        if adaptive_scope not in ADAPTIVE_SCOPES:
+            raise ValueError(f"adaptive_scope must be one of {ADAPTIVE_SCOPES}, got {adaptive_scope!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         defaults = dict(
             rho=rho,
             adaptive=adaptive,
             adaptive_eta=adaptive_eta,
+            adaptive_scope=adaptive_scope,
             unnormalized=unnormalized,
             sam_weight_decay=weight_decay,
             weight_decay_in_ascent=weight_decay_in_ascent,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
-            if group["rho"] < 0:
-                raise ValueError(f"rho must be >= 0, got {group['rho']!r} in a parameter group")
+            self._check_group(group)
         self.eps = eps
         self.max_grad_norm = max_grad_norm
         self.model = model
+        # parameter -> name, for ASAM's "weights only" rule; named param groups take precedence
+        self._param_names: dict[torch.Tensor, str] = (
+            {p: name for name, p in model.named_parameters()} if model is not None else {}
+        )
+        for group in self.param_groups:
+            self._record_names(group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of group dicts for both, so schedulers and clipping act on what the base uses.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed = False
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        checked = [("rho", "rho"), ("adaptive_eta", "adaptive_eta"), ("sam_weight_decay", "weight_decay")]
+        if "weight_decay" in group:  # the base optimizer's own decay, set per group
+            checked.append(("weight_decay", "weight_decay"))
+        for key, shown in checked:
+            _check_number(shown, group[key], f" in a parameter group (key {key!r})")
+        if group["adaptive_scope"] not in ADAPTIVE_SCOPES:
+            raise ValueError(
+                f"adaptive_scope must be one of {ADAPTIVE_SCOPES}, got {group['adaptive_scope']!r} in a parameter group"
+            )
+
+    def _record_names(self, group: dict[str, Any]) -> None:
+        for name, p in zip(group.get("param_names", ()), group["params"], strict=False):
+            self._param_names[p] = name
+
+    def _is_asam_weight(self, p: torch.Tensor) -> bool:
+        name = self._param_names.get(p)
+        # SamsungLabs/ASAM rescales parameters named "...weight..." and leaves biases alone
+        return "weight" in name if name is not None else p.ndim > 1
 
     # ----------------------------------------------------------------------------- two-step API
     def _params(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
@@ -165,7 +235,13 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _grad_scale(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
-        return p.abs() + group["adaptive_eta"] if group["adaptive"] else None
+        """ASAM's ``T`` for ``p``, or None for ``T = 1``."""
+        if not group["adaptive"]:
+            return None
+        # groups loaded from checkpoints written before adaptive_scope existed lack the key
+        if group.get("adaptive_scope", "weights") == "weights" and not self._is_asam_weight(p):
+            return None
+        return p.abs() + group["adaptive_eta"]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_inv_scale: float = 1.0) -> float:
@@ -218,11 +294,13 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = False
 
     def _descent_gradient_ready(self) -> None:
+        # Clip first, then decay: this is where torch.optim.SGD adds its own weight_decay (inside
+        # step()), so SAM's weight_decay and the base optimizer's give the same update.
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._params()], self.max_grad_norm)
         for group, p in self._params():
             if group["sam_weight_decay"] and not group["weight_decay_in_ascent"]:
                 p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self._params()], self.max_grad_norm)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -280,17 +358,24 @@ class SAM(torch.optim.Optimizer):
         # GradScaler.unscale_ may run once per optimizer per update, so the clean-pass gradients
         # are unscaled by hand and the scaler only sees the descent gradients (of base_optimizer).
         inv_scale = 1.0 / float(scaler.get_scale())
-        finite = all(bool(torch.isfinite(p.grad).all()) for _, p in self._params())
-        if not finite:
+        grads = [p.grad for _, p in self._params()]
+        local_inf = not all(bool(torch.isfinite(g).all()) for g in grads)
+        if _found_inf_on_any_rank(local_inf, grads[0].device if grads else "cpu"):
             log.info("non-finite gradient in SAM's clean pass; skipping the step")
+            if not local_inf and grads:
+                # Another rank overflowed: make this rank's scaler see an inf too, so that every
+                # rank skips the base step and lowers its scale alike.
+                grads[0].fill_(float("inf"))
             scaler.step(self.base_optimizer)  # records the inf so that update() lowers the scale
             self.zero_grad()
             return loss
         self.first_step(zero_grad=True, grad_inv_scale=inv_scale)
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):
             closure()
-        self.restore()
+        # Unscale before restore(): with weight_decay_in_ascent, restore() adds wd * (w + e),
+        # which must join unscaled gradients rather than be divided by the scale.
         scaler.unscale_(self.base_optimizer)
+        self.restore()
         self._descent_gradient_ready()
         scaler.step(self.base_optimizer)
         return loss
@@ -304,7 +389,10 @@ class SAM(torch.optim.Optimizer):
         chunk size / batch size) combine the chunks' perturbed gradients
         ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
         Sec. 4.1). Returns the weighted clean loss. (Goes through :meth:`step`, so LR schedulers
-        see the step.) Under DDP (``model=`` given) the clean passes run without gradient sync and
+        see the step.) Each chunk's clean pass is an ordinary training forward, so with ``model=``
+        BatchNorm running statistics are updated once per chunk (from that chunk's batch
+        statistics, as ``k`` devices with their own BatchNorm would), never by the perturbed
+        passes. Under DDP (``model=`` given) the clean passes run without gradient sync and
         the perturbed ones with it, so ``m`` is the chunk size on each device.
         """
         return self.step(closure, chunks=chunks, chunk_weights=weights)
@@ -361,4 +449,6 @@ class SAM(torch.optim.Optimizer):
             return
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
+        self._check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
+        self._record_names(self.param_groups[-1])

@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    weight_decay_in_ascent: bool = False  # SAM only: decay as part of the loss (google-research/sam)
     batch_size: int = 128
     epochs: int = 30
     milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # fractions of epochs
@@ -147,13 +148,17 @@ def build_model(config: TrainConfig, split: data_lib.Split) -> nn.Module:
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
+        # plain SGD has no ascent, so weight_decay_in_ascent changes nothing for it
         return torch.optim.SGD(model.parameters(), **common)
+    # model= is always passed: it freezes BatchNorm statistics in the perturbed pass and gives
+    # ASAM the parameter names
     return SAM(
         model.parameters(),
         torch.optim.SGD,
         rho=config.rho,
         adaptive=config.adaptive,
         unnormalized=config.unnormalized,
+        weight_decay_in_ascent=config.weight_decay_in_ascent,
         max_grad_norm=config.max_grad_norm,
         model=model,
         **common,
@@ -253,6 +258,7 @@ def train(
         leave=False,
     ):
         losses = []
+        lr_this_epoch = optimizer.param_groups[0]["lr"]  # the scheduler steps after the epoch
         for x, y in data_lib.batches(
             split.x_train, split.y_train, config.batch_size, shuffle=True, generator=generator
         ):
@@ -262,7 +268,7 @@ def train(
             log.warning("non-finite training loss in epoch %d", epoch + 1)
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             test = evaluate(model, config, split.x_test, split.y_test)
-            entry = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0]}
+            entry = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "lr": lr_this_epoch}
             entry.update({f"test_{k}": v for k, v in test.items()})
             history.append(entry)
             log.debug("epoch %d: %s", epoch + 1, entry)
