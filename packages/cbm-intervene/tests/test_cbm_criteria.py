@@ -37,6 +37,7 @@ def context(predictions, target, mode="soft", chunk_rows=65536, intervened=None)
         log_predict=predictor.lookahead_log_proba,
         generator=torch.Generator().manual_seed(0),
         chunk_rows=chunk_rows,
+        f_inputs=predictor.lookahead_inputs,
     )
 
 
@@ -108,6 +109,37 @@ def test_cctp_matches_per_sample_jacobian(kind, hidden, predictions_factory, tar
             assert scores[s, i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["prob", "logit"])
+def test_cctp_under_hard_is_taken_at_the_thresholded_bottleneck(kind, predictions_factory, target_factory):
+    """HARD: f reads thresholded concepts (revealed ones as revealed), so c_hat and the Jacobian of
+    CCTP are taken there, as ECTP/EUDTP look ahead through the thresholded f."""
+    predictions, target = predictions_factory(kind), target_factory(hidden=5)
+    intervened = torch.zeros(predictions.n_samples, predictions.n_concepts, dtype=torch.bool)
+    intervened[::2, 3] = True
+    ctx = context(predictions, target, mode="hard", intervened=intervened)
+    scores = score_concepts("CCTP", ctx)
+    first_layer = score_concepts("CCTP_FIRST_LAYER", ctx)
+    weight = target[0].weight.detach()
+    for s in range(predictions.n_samples):
+        c = ctx.values[s].clone()
+        for i in range(len(c)):
+            if not intervened[s, i]:
+                if kind == "prob":
+                    c[i] = 1.0 if c[i] >= 0.5 else 0.0
+                else:
+                    c[i] = ctx.high[i] if c[i] >= 0 else ctx.low[i]
+        jac = torch.autograd.functional.jacobian(lambda x: target(x[None])[0], c)
+        for i in range(predictions.n_concepts):
+            expected = sum(abs(float(c[i]) * float(jac[j, i])) for j in range(jac.shape[0]))
+            assert scores[s, i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+            expected_first = sum(abs(float(c[i]) * float(weight[h, i])) for h in range(weight.shape[0]))
+            assert first_layer[s, i].item() == pytest.approx(expected_first, rel=1e-5, abs=1e-7)
+    # SAMP has no single bottleneck: gradient and look-ahead criteria use the soft one
+    low, high = replacement_values(predictions, "train")
+    samp = TargetPredictor(target, predictions.kind, "samp", low, high)
+    torch.testing.assert_close(samp.lookahead_inputs(predictions.values, intervened), predictions.values)
+
+
 def test_cctp_first_layer_is_authors_variant_and_equals_exact_for_linear_f(prob_predictions, target_factory):
     make_target = target_factory
     mlp_target = make_target(hidden=5)
@@ -149,8 +181,8 @@ def test_rand_is_seeded_uniform(prob_predictions, target):
 
 
 def test_forward_pass_counts():
-    assert get_criterion("ECTP").forward_passes(10, 4) == 20
-    assert get_criterion("EUDTP").forward_passes(3, 4) == 6
+    assert get_criterion("ECTP").forward_passes(10, 4) == 21  # the current bottleneck + 2 per candidate
+    assert get_criterion("EUDTP").forward_passes(3, 4) == 7
     assert get_criterion("UCP").forward_passes(10, 4) == 0
     assert get_criterion("CCTP").forward_passes(10, 4) == 5  # one forward, one backward per class
     assert get_criterion("CCTP_FIRST_LAYER").forward_passes(10, 4) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -252,6 +253,39 @@ def test_skincon_loader(tmp_path):
     assert sum(sizes.values()) == 36 and sizes["train"] > sizes["test"]
 
 
+def test_skincon_balanced_error_reaches_intervene_by_default(tmp_path, capsys):
+    """The loader's metric travels with the predictions; intervene uses it unless --metric is given."""
+    from cbm_intervene.cli import main
+    from cbm_intervene.metrics import error_rate
+
+    write_skincon(tmp_path)
+    data = load_skincon(tmp_path / "annotations_fitzpatrick17k.csv", tmp_path / "fitzpatrick17k.csv", min_positive=5)
+    test = data.split("test")
+    values = torch.as_tensor(np.clip(test["concepts"] * 0.6 + 0.2, 0, 1))
+    predictions = ConceptPredictions.from_dataset(data, "test", values=values, kind="prob")
+    assert predictions.metric == "balanced_error"
+    spec = TargetModelSpec(n_concepts=data.n_concepts, n_classes=2)
+    torch.manual_seed(0)
+    target = torch.nn.Linear(data.n_concepts, 2)
+    path = save_predictions(tmp_path / "skincon.pt", predictions, target_model=target, target_spec=spec)
+    assert load_predictions(path)[0].metric == "balanced_error"
+    out = tmp_path / "tti"
+    argv = ["intervene", "--predictions", str(path), "--criteria", "UCP", "--seeds", "0", "--no-plot", "--budgets"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    assert "metric: balanced_error (from the predictions' metadata" in capsys.readouterr().out
+    record = json.loads((out / "intervention.json").read_text())
+    assert record["config"]["intervention"]["metric"] == "balanced_error"
+    with torch.no_grad():
+        predicted = target(values).argmax(1)
+    expected = error_rate(predicted, torch.as_tensor(test["labels"]), 2, balanced=True)
+    assert record["curves"]["I+S"]["UCP"]["error_mean"][0] == pytest.approx(expected)
+    assert main([*argv, "--output-dir", str(tmp_path / "plain"), "--metric", "error"]) == 0
+    plain = json.loads((tmp_path / "plain" / "intervention.json").read_text())
+    assert plain["config"]["intervention"]["metric"] == "error"
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        ConceptPredictions(**{**predictions.__dict__, "metric": "accuracy"})
+
+
 def test_skincon_missing_image_in_metadata(tmp_path):
     write_skincon(tmp_path)
     lines = (tmp_path / "fitzpatrick17k.csv").read_text().splitlines()
@@ -278,6 +312,46 @@ def test_predictions_round_trip_with_target_model(tmp_path, suffix, logit_predic
     assert loaded.kind == "logit" and loaded.groups == original.groups and loaded.concept_names == list("abcdef")
     x = torch.randn(3, 6)
     torch.testing.assert_close(target(x), model(x))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_predictions_round_trip_with_a_bare_linear_target(tmp_path, suffix, prob_predictions):
+    """A plain nn.Linear f (keys weight/bias) is saved under a linear spec and loads back."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    spec = TargetModelSpec(n_concepts=6, n_classes=4)
+    path = save_predictions(tmp_path / f"p{suffix}", prob_predictions, target_model=linear, target_spec=spec)
+    _, target = load_predictions(path)
+    x = torch.rand(5, 6)
+    torch.testing.assert_close(target(x), linear(x))
+
+
+def test_predictions_target_weights_are_checked_at_save_time(tmp_path, prob_predictions):
+    linear_spec = TargetModelSpec(n_concepts=6, n_classes=4)
+    with pytest.raises(ValueError, match=r"missing \['0.bias', '0.weight'\]; unexpected \['1.bias', '1.weight'\]"):
+        save_predictions(
+            tmp_path / "p.pt",
+            prob_predictions,
+            target_model=torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(6, 4)),
+            target_spec=linear_spec,
+        )
+    with pytest.raises(ValueError, match=r"0.weight has shape \(4, 6\), expected \(5, 6\)"):
+        save_predictions(
+            tmp_path / "p.pt",
+            prob_predictions,
+            target_model=torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(5, 4)),
+            target_spec=TargetModelSpec(n_concepts=6, n_classes=4, hidden=(5,)),
+        )
+    with pytest.raises(ValueError, match="target_spec maps 5 concepts to 4 classes, but the predictions have 6"):
+        save_predictions(
+            tmp_path / "p.pt",
+            prob_predictions,
+            target_model=torch.nn.Linear(5, 4),
+            target_spec=TargetModelSpec(n_concepts=5, n_classes=4),
+        )
+    assert not (tmp_path / "p.pt").exists()
+    with pytest.raises(FileNotFoundError, match="predictions file not found"):
+        load_predictions(tmp_path / "missing.pt")
 
 
 def test_predictions_bad_inputs(prob_predictions):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbm_intervene.data import ConceptPredictions
+from cbm_intervene.data import ConceptGroups, ConceptPredictions
 from cbm_intervene.intervention import CostModel, InterventionConfig, replacement_values, run_intervention
 
 LEVELS = ["I+S", "G+S", "I+B", "G+B"]
@@ -154,14 +154,21 @@ def test_hard_thresholds_probabilities_at_half(prob_predictions, target):
 def test_cost_model_counts_concepts_groups_and_forward_passes(prob_predictions, target):
     costs = CostModel(concept=2.0, group=5.0, forward_pass=0.1)
     k = prob_predictions.n_concepts
+    # one pass on the current bottleneck plus two hypotheticals per candidate concept
     static = run_intervention(prob_predictions, target, InterventionConfig(criterion="ECTP", costs=costs))
-    np.testing.assert_allclose(static.forward_passes_per_sample, [0] + [2 * k] * k)
-    np.testing.assert_allclose(static.cost_per_sample, 2.0 * np.arange(k + 1) + 0.1 * np.array([0] + [2 * k] * k))
+    np.testing.assert_allclose(static.forward_passes_per_sample, [0] + [2 * k + 1] * k)
+    np.testing.assert_allclose(static.cost_per_sample, 2.0 * np.arange(k + 1) + 0.1 * np.array([0] + [2 * k + 1] * k))
     adaptive = run_intervention(
         prob_predictions, target, InterventionConfig(criterion="ECTP", ordering="adaptive", costs=costs)
     )
     # re-scoring before step t looks ahead on the K - (t-1) concepts still hidden
-    np.testing.assert_allclose(adaptive.forward_passes_per_sample, np.cumsum([0] + [2 * (k - t) for t in range(k)]))
+    np.testing.assert_allclose(adaptive.forward_passes_per_sample, np.cumsum([0] + [2 * (k - t) + 1 for t in range(k)]))
+    # skipped (not visible) concepts are no candidates: samples 0-5 have K-1, the others K
+    visibility = torch.ones(prob_predictions.n_samples, k, dtype=torch.bool)
+    visibility[:6, 0] = False
+    skipping = ConceptPredictions(**{**prob_predictions.__dict__, "visibility": visibility})
+    skipped = run_intervention(skipping, target, InterventionConfig(criterion="EUDTP", not_visible="skip", max_steps=1))
+    assert skipped.forward_passes_per_sample[1] == pytest.approx((6 * (2 * k - 1) + 6 * (2 * k + 1)) / 12)
     group = run_intervention(prob_predictions, target, InterventionConfig(criterion="UCP", level="G+S", costs=costs))
     np.testing.assert_allclose(group.cost_per_sample, 5.0 * np.arange(4))
 
@@ -261,3 +268,101 @@ def test_adaptive_step_takes_argmax_of_rescored_criterion(prob_predictions, targ
     torch.testing.assert_close(
         after_two.final_values, torch.where(expected, prob_predictions.true_concepts, prob_predictions.values)
     )
+
+
+class RowCounter(torch.nn.Module):
+    """Wraps f and counts the rows (bottlenecks) it evaluates."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        self.rows += values.shape[0]
+        return self.model(values)
+
+
+@pytest.mark.parametrize("criterion", ["ECTP", "EUDTP"])
+def test_lookahead_evaluates_only_candidates_and_counts_what_it_runs(criterion, prob_predictions, target):
+    from cbm_intervene.intervention import ScoringContext, TargetPredictor, get_criterion, score_concepts
+
+    n, k = prob_predictions.values.shape
+    counter = RowCounter(target)
+    low, high = torch.zeros(k), torch.ones(k)
+    candidates = torch.rand(n, k, generator=torch.Generator().manual_seed(1)) < 0.5
+    candidates[0] = False  # a sample with nothing left to ask is not evaluated at all
+
+    def scores(mask):
+        counter.rows = 0
+        ctx = ScoringContext(
+            values=prob_predictions.values,
+            probs=prob_predictions.values,
+            intervened=torch.zeros(n, k, dtype=torch.bool),
+            true_concepts=prob_predictions.true_concepts,
+            low=low,
+            high=high,
+            target_model=counter,
+            log_predict=TargetPredictor(counter, "prob", "soft", low, high).lookahead_log_proba,
+            generator=torch.Generator(),
+            chunk_rows=5,
+            candidates=mask,
+        )
+        return score_concepts(criterion, ctx), counter.rows
+
+    full, _ = scores(None)
+    partial, rows = scores(candidates)
+    torch.testing.assert_close(partial[candidates], full[candidates])
+    per_sample = candidates.sum(1)
+    charged = sum(get_criterion(criterion).forward_passes(int(c), 4) for c in per_sample if c > 0)
+    assert rows == charged == int((per_sample > 0).sum()) + 2 * int(candidates.sum())
+
+
+def test_rand_orders_groups_uniformly_whatever_their_sizes():
+    """RAND is a uniform random permutation of groups: with groups of 1, 15 and 15 concepts the
+    singleton comes first, second or last a third of the time each (a mean of uniform concept
+    scores puts it first or last ~46% of the time each, a max first ~3%) and makes up a third of
+    the (sample, group) pairs a batch level takes first (mean ~46%, max ~5%)."""
+    n, k = 3000, 31
+    gen = torch.Generator().manual_seed(0)
+    predictions = ConceptPredictions(
+        values=torch.rand(n, k, generator=gen),
+        kind="prob",
+        true_concepts=(torch.rand(n, k, generator=gen) < 0.5).float(),
+        labels=torch.randint(0, 2, (n,), generator=gen),
+        n_classes=2,
+        groups=ConceptGroups(
+            names=["one", "a", "b"], members=[[0], list(range(1, 16)), list(range(16, 31))], n_concepts=k
+        ),
+    )
+    target = torch.nn.Linear(k, 2)
+    for group_score in ("mean", "max"):
+        for ordering in ("static", "adaptive"):
+            config = InterventionConfig(criterion="RAND", level="G+S", group_score=group_score, ordering=ordering)
+            counts = run_intervention(predictions, target, config).concept_counts
+            singleton_step = np.argmax(np.diff(counts, axis=0) == 1, axis=0)  # 0, 1, 2: its position
+            shares = np.bincount(singleton_step, minlength=3) / n
+            np.testing.assert_allclose(shares, [1 / 3] * 3, atol=0.05, err_msg=f"{group_score} {ordering}")
+        config = InterventionConfig(criterion="RAND", level="G+B", group_score=group_score, max_steps=1)
+        first = run_intervention(predictions, target, config).concept_counts[1]
+        assert first.sum() > 0
+        assert np.mean(first % 15 == 1) == pytest.approx(1 / 3, abs=0.05)  # 1, 16 or 31: singleton taken
+
+
+def test_group_mean_counts_only_members_that_can_be_asked(prob_predictions, target):
+    # sample 0 under LCP with skip: group b = {2,3,4} has losses (1, 0, 0) but concept 2 is not
+    # visible, so b's mean over askable members is 0 and group a = {0,1} (losses 0.3, 0.3) goes first
+    values, true = prob_predictions.values.clone(), prob_predictions.true_concepts.clone()
+    values[0] = torch.tensor([0.3, 0.3, 1.0, 0.0, 0.0, 0.0])
+    true[0] = torch.zeros(6)
+    visibility = torch.ones(12, 6, dtype=torch.bool)
+    visibility[0, 2] = False
+    predictions = ConceptPredictions(
+        **{**prob_predictions.__dict__, "values": values, "true_concepts": true, "visibility": visibility}
+    )
+    config = InterventionConfig(criterion="LCP", level="G+S", not_visible="skip", max_steps=1)
+    assert int(run_intervention(predictions, target, config).concept_counts[1][0]) == 2
+
+
+def test_target_model_of_wrong_width_is_named(prob_predictions):
+    with pytest.raises(ValueError, match=r"expects 5 input concepts .* but the predictions have 6 concepts"):
+        run_intervention(prob_predictions, torch.nn.Linear(5, 4), InterventionConfig())

@@ -52,6 +52,62 @@ def test_strategies_train_and_round_trip(strategy, small_data, tmp_path):
         assert (tmp_path / f"{name}.pt").is_file()
 
 
+class ConvConcepts(nn.Module):
+    """A concept predictor the package does not build: a 1-D convolution over the features."""
+
+    def __init__(self, n_features: int, n_concepts: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, kernel_size=3, padding=1)
+        self.head = nn.Linear(4 * n_features, n_concepts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x[:, None, :])).flatten(1))
+
+
+class TwoLayerTarget(nn.Module):
+    def __init__(self, n_concepts: int, n_classes: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(n_concepts, 16)
+        self.out = nn.Linear(16, n_classes)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(c)))
+
+
+@pytest.mark.parametrize("strategy", ["IND", "JNT"])
+def test_custom_concept_and_target_modules_train_and_reload(strategy, small_data, tmp_path):
+    torch.manual_seed(0)
+    g, f = ConvConcepts(16, 12), TwoLayerTarget(12, 6)
+    config = TrainConfig(strategy=strategy, max_epochs=40, patience=5, learning_rate=1e-2)
+    trained = train_cbm(small_data, config, concept_model=g, target_model=f, checkpoint_dir=tmp_path)
+    assert trained.model.concept_model is g and trained.model.target_model is f
+    assert trained.target_spec is None and trained.concept_sizes is None
+    test = small_data.split("test")
+    x = torch.as_tensor(test["features"])
+    with torch.no_grad():
+        logits, out = trained.model(x)
+    assert ((logits > 0).float() == torch.as_tensor(test["concepts"])).float().mean() > 0.8
+    assert (out.argmax(1) == torch.as_tensor(test["labels"])).float().mean() > 0.6  # chance is 1/6
+    with pytest.raises(ValueError, match=r"custom concept model \(ConvConcepts\); pass load_cbm\(path, concept_model="):
+        load_cbm(tmp_path / "cbm.pt")
+    with pytest.raises(ValueError, match=r"custom target model \(TwoLayerTarget\)"):
+        load_cbm(tmp_path / "cbm.pt", concept_model=ConvConcepts(16, 12))
+    with pytest.raises(ValueError, match="the concept_model passed does not match the saved weights"):
+        load_cbm(tmp_path / "cbm.pt", concept_model=ConvConcepts(16, 10), target_model=TwoLayerTarget(12, 6))
+    reloaded = load_cbm(tmp_path / "cbm.pt", concept_model=ConvConcepts(16, 12), target_model=TwoLayerTarget(12, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(x)[1], out)
+    predictions = trained.concept_predictions(small_data, "test")
+    torch.testing.assert_close(predictions.values, trained.bottleneck(x))
+
+
+def test_custom_modules_of_wrong_width_are_rejected(small_data):
+    with pytest.raises(ValueError, match=r"concept_model maps \(2, 16\) inputs to \(2, 10\), expected \(2, 12\)"):
+        train_cbm(small_data, TrainConfig(max_epochs=1), concept_model=ConvConcepts(16, 10))
+    with pytest.raises(ValueError, match="target_model cannot read inputs of width 12"):
+        train_cbm(small_data, TrainConfig(max_epochs=1), target_model=TwoLayerTarget(8, 6))
+
+
 def test_fit_stops_early_and_restores_best_weights():
     module = nn.Linear(2, 1)
     losses = iter([3.0, 1.0, 2.0, 2.5, 2.7, 2.8, 2.9])

@@ -10,6 +10,7 @@ Log level from SHIN_LOG_LEVEL (default INFO).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -45,18 +46,16 @@ class TrainRunConfig:
 
 def predictions_for(trained: TrainedCBM, data: ConceptDataset, split: str = "test") -> ConceptPredictions:
     """Bottleneck values of ``split`` with the training-set values as percentile reference."""
-    part = data.split(split)
-    return ConceptPredictions(
-        values=trained.bottleneck(part["features"]),
-        kind=trained.model.kind,
-        true_concepts=part["concepts"],
-        labels=part["labels"],
-        n_classes=data.n_classes,
-        groups=data.groups,
-        visibility=part["visibility"],
-        reference_values=trained.bottleneck(data.split("train")["features"]),
-        concept_names=data.concept_names,
-    )
+    return trained.concept_predictions(data, split)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content digest of a file: finished cells are reused only for the very same predictions."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_metrics(trained: TrainedCBM, data: ConceptDataset, split: str = "test") -> dict[str, float]:
@@ -97,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _intervention_base(args: argparse.Namespace) -> InterventionConfig:
+def _intervention_base(args: argparse.Namespace, metric: str | None = None) -> InterventionConfig:
     return InterventionConfig(
         criterion="RAND",
         ordering=args.ordering,
@@ -106,7 +105,7 @@ def _intervention_base(args: argparse.Namespace) -> InterventionConfig:
         n_samples=args.n_samples,
         not_visible=args.not_visible,
         replacement_source=args.replacement_source,
-        metric=args.metric,
+        metric=metric or args.metric or "error",
         max_steps=args.max_steps,
         costs=CostModel(concept=args.tau_i, group=args.tau_g, forward_pass=args.tau_f),
     )
@@ -137,7 +136,17 @@ def cmd_intervene(args: argparse.Namespace) -> int:
             predictions = predictions.with_true_concepts(predictions.instance_concepts)
         models.append((predictions, target))
     levels = args.levels or [lv for lv in LEVELS if lv.startswith("I") or models[0][0].groups is not None]
-    base = _intervention_base(args)
+    if args.metric is not None:
+        metric, source = args.metric, "--metric"
+    else:
+        declared = {str(p): predictions.metric for p, (predictions, _) in zip(args.predictions, models, strict=True)}
+        if len(set(declared.values())) > 1:
+            raise ValueError(f"the predictions files declare different metrics {declared}; pass --metric")
+        declared_metric = next(iter(declared.values()))
+        metric = declared_metric or "error"
+        source = "the predictions' metadata" if declared_metric else "the default"
+    print(f"metric: {metric} (from {source}; pass --metric to choose)")
+    base = _intervention_base(args, metric)
     out = Path(args.output_dir)
     results = evaluate_grid(
         models,
@@ -150,6 +159,8 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         store=JsonlStore(out / "cells.jsonl"),
         run_tag={
             "predictions": [str(Path(p).resolve()) for p in args.predictions],
+            # the path alone would reuse stale cells after the file is rewritten
+            "predictions_sha256": [file_sha256(p) for p in args.predictions],
             "true_concepts": args.true_concepts,
         },
     )
@@ -249,32 +260,56 @@ def _add_intervention_options(p: argparse.ArgumentParser) -> None:
         default=list(PAPER_CRITERIA),
         help=f"criteria to evaluate (registered: {available_criteria()})",
     )
-    p.add_argument("--levels", nargs="+", choices=LEVELS, help="levels (default: all the predictions support)")
+    # choices are matched case-insensitively, as InterventionConfig matches them
+    p.add_argument(
+        "--levels", nargs="+", type=str.upper, choices=LEVELS, help="levels (default: all the predictions support)"
+    )
     p.add_argument(
         "--ordering",
+        type=str.lower,
         choices=ORDERINGS,
         default="static",
         help="static (paper) or adaptive re-scoring (default: static)",
     )
     p.add_argument(
-        "--group-score", choices=GROUP_SCORES, default="mean", help="a group's score from its members' (default: mean)"
+        "--group-score",
+        type=str.lower,
+        choices=GROUP_SCORES,
+        default="mean",
+        help="a group's score from its members' (default: mean)",
     )
     p.add_argument(
-        "--conceptualization", choices=CONCEPTUALIZATIONS, default="soft", help="test-time bottleneck (default: soft)"
+        "--conceptualization",
+        type=str.lower,
+        choices=CONCEPTUALIZATIONS,
+        default="soft",
+        help="test-time bottleneck (default: soft)",
     )
     p.add_argument(
         "--n-samples", type=int, default=16, help="Bernoulli samples for --conceptualization samp (default: 16)"
     )
     p.add_argument(
-        "--not-visible", choices=NOT_VISIBLE, default="nullify", help="revealed not-visible concepts (default: nullify)"
+        "--not-visible",
+        type=str.lower,
+        choices=NOT_VISIBLE,
+        default="nullify",
+        help="revealed not-visible concepts (default: nullify)",
     )
     p.add_argument(
         "--replacement-source",
+        type=str.lower,
         choices=("train", "eval"),
         default="train",
         help="logit percentiles from (default: train)",
     )
-    p.add_argument("--metric", choices=METRICS, default="error", help="error or balanced_error (default: error)")
+    p.add_argument(
+        "--metric",
+        type=str.lower,
+        choices=METRICS,
+        default=None,
+        help="error or balanced_error (default: the metric the predictions file declares, e.g. balanced_error "
+        "for SkinCon, else error)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for random criteria (default: 0 1 2)")
     p.add_argument("--tau-i", type=float, default=1.0, help="expert cost per revealed concept (default: 1)")
@@ -307,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     intervene = sub.add_parser(
         "intervene",
         help="evaluate criteria x levels on saved predictions (finished cells are kept in OUTPUT_DIR/cells.jsonl "
-        "and reused when the same command runs again)",
+        "and reused when the same command runs again on unchanged predictions files)",
     )
     intervene.add_argument(
         "--predictions",
@@ -324,14 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic data; IND, SEQ, JNT; every criterion at every level; plots")
     demo.add_argument("--output-dir", required=True, help="where results and plots go")
-    demo.add_argument("--strategies", nargs="+", default=["IND", "SEQ", "JNT"], choices=["IND", "SEQ", "JNT", "JNT+P"])
+    demo.add_argument(
+        "--strategies", nargs="+", type=str.upper, default=["IND", "SEQ", "JNT"], choices=["IND", "SEQ", "JNT", "JNT+P"]
+    )
     demo.add_argument(
         "--noise-std",
         type=float,
         default=1.0,
         help="input noise; the paper generator's default 2.0 is much harder (default: 1.0)",
     )
-    demo.add_argument("--ordering", choices=ORDERINGS, default="static")
+    demo.add_argument("--ordering", type=str.lower, choices=ORDERINGS, default="static")
     demo.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds for RAND (default: 0 1 2)")
     demo.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
     demo.add_argument("--target-error", type=float, default=0.05)
@@ -350,6 +387,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad input and missing or unreadable files: a message, no traceback
         parser.error(str(exc))
     return 2  # pragma: no cover

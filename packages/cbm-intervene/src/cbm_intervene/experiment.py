@@ -44,8 +44,10 @@ def evaluate_grid(
     model. Returns ``{"curves": {level: {criterion: ...}}, "summary": {...}}`` ready for JSON.
 
     With ``store``, each finished (level, criterion) cell is appended to the JSON-lines store under
-    a key made of the cell, the intervention config, the seeds and ``run_tag`` (e.g. the
-    predictions files); a rerun after an interruption reuses finished cells instead of redoing them.
+    a key made of the cell, the intervention config, the seeds and ``run_tag``; a rerun after an
+    interruption reuses finished cells instead of redoing them. ``run_tag`` must identify the
+    inputs' *content* (the CLI passes the predictions files' paths and sha256 digests): a key with
+    paths only would serve stale cells after a file is rewritten.
     """
     if not models:
         raise ValueError("evaluate_grid needs at least one (predictions, target model) pair")

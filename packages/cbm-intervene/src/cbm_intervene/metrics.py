@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+#: Task metrics: ``1 - accuracy`` and ``1 - balanced accuracy``.
+METRICS = ("error", "balanced_error")
+
 
 def error_rate(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int, *, balanced: bool = False) -> float:
     """``1 - accuracy`` or, with ``balanced``, ``1 - mean recall over the classes present in labels``."""

@@ -10,6 +10,11 @@ by Shin et al. (ICML 2023, Sec. 4.3):
 
 Each stage stops early on its validation loss and keeps the best weights; with ``checkpoint_dir``
 the best state of every stage is saved to disk.
+
+g is an MLP by default; pass any ``nn.Module`` mapping ``(B, D)`` features to ``(B, K)`` concept
+logits as ``concept_model`` (and any module mapping ``(B, K)`` to ``(B, M)`` class logits as
+``target_model``) to train your own. Checkpoints hold state_dicts only: the package rebuilds the
+modules it built itself, and :func:`load_cbm` fills the instances you pass for custom ones.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from cbm_intervene.data.core import ConceptDataset
+
+if TYPE_CHECKING:
+    from cbm_intervene.data.predictions import ConceptPredictions
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,35 @@ class TargetModelSpec:
 
     def build(self) -> nn.Module:
         return mlp([self.n_concepts, *self.hidden, self.n_classes])
+
+    def load(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        """Build f and fill it with ``state_dict``, checked strictly against this spec.
+
+        :meth:`build` returns an ``nn.Sequential`` (keys ``0.weight``, ``0.bias``, ``2.weight``, ...);
+        for a linear spec the keys of a bare ``nn.Linear`` (``weight``, ``bias``) are accepted too.
+        Raises ``ValueError`` naming missing, unexpected or wrongly shaped weights.
+        """
+        model = self.build()
+        state = dict(state_dict)
+        if not self.hidden and set(state) == {"weight", "bias"}:
+            state = {f"0.{name}": value for name, value in state.items()}
+        expected = model.state_dict()
+        problems = []
+        if missing := sorted(set(expected) - set(state)):
+            problems.append(f"missing {missing}")
+        if unexpected := sorted(set(state) - set(expected)):
+            problems.append(f"unexpected {unexpected}")
+        for name in sorted(set(expected) & set(state)):
+            if tuple(state[name].shape) != tuple(expected[name].shape):
+                problems.append(f"{name} has shape {tuple(state[name].shape)}, expected {tuple(expected[name].shape)}")
+        if problems:
+            architecture = " -> ".join(str(size) for size in (self.n_concepts, *self.hidden, self.n_classes))
+            raise ValueError(
+                f"target model weights do not fit the spec (an MLP {architecture}; keys {sorted(expected)}): "
+                + "; ".join(problems)
+            )
+        model.load_state_dict(state)
+        return model.eval()
 
 
 @dataclass(kw_only=True)
@@ -120,15 +157,32 @@ class ConceptBottleneckModel(nn.Module):
 
 @dataclass
 class TrainedCBM:
+    """A trained CBM. ``target_spec`` is ``None`` when f is a custom module, ``concept_sizes`` (the
+    layer sizes of the default MLP g) is ``None`` when g is."""
+
     model: ConceptBottleneckModel
     config: TrainConfig
-    target_spec: TargetModelSpec
+    target_spec: TargetModelSpec | None
     history: dict[str, list[float]] = field(default_factory=dict)
+    concept_sizes: list[int] | None = None
 
     @torch.no_grad()
     def bottleneck(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         self.model.eval()
         return self.model.bottleneck(torch.as_tensor(features, dtype=torch.float32))
+
+    def concept_predictions(self, data: ConceptDataset, split: str = "test") -> ConceptPredictions:
+        """The bottleneck on ``split`` as :class:`ConceptPredictions`, ready for intervention, with
+        the training split's bottleneck as reference for the logit percentile replacement values."""
+        from cbm_intervene.data.predictions import ConceptPredictions
+
+        return ConceptPredictions.from_dataset(
+            data,
+            split,
+            values=self.bottleneck(data.split(split)["features"]),
+            kind=self.model.kind,
+            reference_values=self.bottleneck(data.split("train")["features"]),
+        )
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -176,8 +230,34 @@ def fit(
     return history
 
 
-def train_cbm(data: ConceptDataset, config: TrainConfig, *, checkpoint_dir: str | Path | None = None) -> TrainedCBM:
-    """Train g and f on ``data`` (which needs features and train/val splits) with ``config.strategy``."""
+def _check_module_widths(module: nn.Module, role: str, n_inputs: int, n_outputs: int, what: str) -> None:
+    probe = torch.zeros(2, n_inputs)
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except RuntimeError as exc:
+        raise ValueError(f"{role} cannot read inputs of width {n_inputs}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_outputs):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{role} maps (2, {n_inputs}) inputs to {shape}, expected (2, {n_outputs}) {what}")
+
+
+def train_cbm(
+    data: ConceptDataset,
+    config: TrainConfig,
+    *,
+    concept_model: nn.Module | None = None,
+    target_model: nn.Module | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainedCBM:
+    """Train g and f on ``data`` (which needs features and train/val splits) with ``config.strategy``.
+
+    ``concept_model``: your own g, any module mapping ``(B, D)`` features to ``(B, K)`` concept logits
+    (default: an MLP with ``config.concept_hidden``). ``target_model``: your own f, any module mapping
+    ``(B, K)`` bottlenecks to ``(B, M)`` class logits (default: linear or an MLP with
+    ``config.target_hidden``). The modules passed in are trained in place and returned inside the
+    :class:`TrainedCBM`.
+    """
     if data.features is None:
         raise ValueError("train_cbm needs a data set with features; for image data sets plug in predictions instead")
     for split in ("train", "val"):
@@ -187,9 +267,21 @@ def train_cbm(data: ConceptDataset, config: TrainConfig, *, checkpoint_dir: str 
     train, val = data.split("train"), data.split("val")
     x_tr, c_tr, y_tr = (torch.as_tensor(train[k]) for k in ("features", "concepts", "labels"))
     x_va, c_va, y_va = (torch.as_tensor(val[k]) for k in ("features", "concepts", "labels"))
-    g = mlp([data.features.shape[1], *config.concept_hidden, data.n_concepts])
-    spec = TargetModelSpec(n_concepts=data.n_concepts, n_classes=data.n_classes, hidden=config.target_hidden)
-    f = spec.build()
+    n_features = data.features.shape[1]
+    concept_sizes: list[int] | None = None
+    if concept_model is None:
+        concept_sizes = [n_features, *config.concept_hidden, data.n_concepts]
+        g = mlp(concept_sizes)
+    else:
+        _check_module_widths(concept_model, "concept_model", n_features, data.n_concepts, "concept logits")
+        g = concept_model
+    spec: TargetModelSpec | None = None
+    if target_model is None:
+        spec = TargetModelSpec(n_concepts=data.n_concepts, n_classes=data.n_classes, hidden=config.target_hidden)
+        f = spec.build()
+    else:
+        _check_module_widths(target_model, "target_model", data.n_concepts, data.n_classes, "class logits")
+        f = target_model
     kind = BOTTLENECK_KIND[config.strategy]
     model = ConceptBottleneckModel(g, f, kind)
     history: dict[str, list[float]] = {}
@@ -239,24 +331,32 @@ def train_cbm(data: ConceptDataset, config: TrainConfig, *, checkpoint_dir: str 
             checkpoint_dir=ckpt,
         )
     model.eval()
-    trained = TrainedCBM(model=model, config=config, target_spec=spec, history=history)
+    trained = TrainedCBM(model=model, config=config, target_spec=spec, history=history, concept_sizes=concept_sizes)
     if checkpoint_dir is not None:
         save_cbm(trained, Path(checkpoint_dir) / "cbm.pt")
     return trained
 
 
 def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
+    """Save a trained CBM as state_dicts plus what rebuilds the package's own modules.
+
+    A module the package built (the default MLP g, an f from a :class:`TargetModelSpec`) is rebuilt
+    by :func:`load_cbm`; for a custom module only its weights and class name are stored, and
+    :func:`load_cbm` needs an instance of the same architecture to fill.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    concept_sizes = [m.in_features for m in trained.model.concept_model if isinstance(m, nn.Linear)]
-    concept_sizes.append(trained.target_spec.n_concepts)
     torch.save(
         {
+            "format": "cbm-intervene-cbm/2",
             "config": asdict(trained.config),
-            "target_spec": asdict(trained.target_spec),
-            "concept_sizes": concept_sizes,
+            "target_spec": None if trained.target_spec is None else asdict(trained.target_spec),
+            "concept_sizes": trained.concept_sizes,
+            "concept_model_class": type(trained.model.concept_model).__qualname__,
+            "target_model_class": type(trained.model.target_model).__qualname__,
             "kind": trained.model.kind,
-            "state_dict": trained.model.state_dict(),
+            "concept_state_dict": trained.model.concept_model.state_dict(),
+            "target_state_dict": trained.model.target_model.state_dict(),
             "history": trained.history,
         },
         path,
@@ -264,10 +364,58 @@ def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
     return path
 
 
-def load_cbm(path: str | Path) -> TrainedCBM:
+def _fill(module: nn.Module, state: dict[str, torch.Tensor], role: str, path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the {role} passed does not match the saved weights: {exc}") from None
+
+
+def load_cbm(
+    path: str | Path, *, concept_model: nn.Module | None = None, target_model: nn.Module | None = None
+) -> TrainedCBM:
+    """Load a checkpoint written by :func:`save_cbm`.
+
+    Modules the package built are rebuilt from the checkpoint. A custom g or f cannot be rebuilt
+    from weights alone: pass a freshly constructed instance of the same class as ``concept_model``
+    / ``target_model`` and it is filled with the saved weights (passing one for a package-built
+    module works too, if its weights fit).
+    """
+    path = Path(path)
     blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    spec = TargetModelSpec(**blob["target_spec"])
-    model = ConceptBottleneckModel(mlp(blob["concept_sizes"]), spec.build(), blob["kind"])
-    model.load_state_dict(blob["state_dict"])
+    spec = None if blob.get("target_spec") is None else TargetModelSpec(**blob["target_spec"])
+    sizes = blob.get("concept_sizes")
+    if "concept_state_dict" not in blob:  # first format: one state_dict of the whole CBM
+        prefixes = {"concept_model.": {}, "target_model.": {}}
+        for key, value in blob["state_dict"].items():
+            for prefix, part in prefixes.items():
+                if key.startswith(prefix):
+                    part[key[len(prefix) :]] = value
+        concept_state, target_state = prefixes["concept_model."], prefixes["target_model."]
+    else:
+        concept_state, target_state = blob["concept_state_dict"], blob["target_state_dict"]
+    if concept_model is None:
+        if sizes is None:
+            raise ValueError(
+                f"{path} holds a custom concept model ({blob.get('concept_model_class')}); pass "
+                "load_cbm(path, concept_model=<a new instance of that class>) to fill it with the saved weights"
+            )
+        concept_model = mlp(sizes)
+    if target_model is None:
+        if spec is None:
+            raise ValueError(
+                f"{path} holds a custom target model ({blob.get('target_model_class')}); pass "
+                "load_cbm(path, target_model=<a new instance of that class>) to fill it with the saved weights"
+            )
+        target_model = spec.build()
+    _fill(concept_model, concept_state, "concept_model", path)
+    _fill(target_model, target_state, "target_model", path)
+    model = ConceptBottleneckModel(concept_model, target_model, blob["kind"])
     model.eval()
-    return TrainedCBM(model=model, config=TrainConfig(**blob["config"]), target_spec=spec, history=blob["history"])
+    return TrainedCBM(
+        model=model,
+        config=TrainConfig(**blob["config"]),
+        target_spec=spec,
+        history=blob["history"],
+        concept_sizes=None if sizes is None else list(sizes),
+    )

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbm_intervene.data.core import ConceptGroups, check_binary
+from cbm_intervene.data.core import ConceptDataset, ConceptGroups, check_binary
+from cbm_intervene.metrics import METRICS
 from cbm_intervene.models import TargetModelSpec
 
 KINDS = ("prob", "logit")
@@ -38,6 +39,8 @@ class ConceptPredictions:
     ``labels``: ``(N,)`` targets in ``[0, n_classes)``. ``visibility``: ``(N, K)`` bool, optional.
     ``reference_values``: ``(M, K)`` the same predictor's outputs on the training set, optional.
     ``instance_concepts``: ``(N, K)`` per-sample labels where they differ from ``true_concepts``.
+    ``metric``: the task metric the data set calls for (``'balanced_error'`` for SkinCon), used by
+    ``cbm-intervene intervene`` when no ``--metric`` is given; ``None``: plain error.
     """
 
     values: torch.Tensor
@@ -50,10 +53,13 @@ class ConceptPredictions:
     reference_values: torch.Tensor | None = None
     instance_concepts: torch.Tensor | None = None
     concept_names: list[str] | None = None
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {list(METRICS)} or None")
         self.values = torch.as_tensor(self.values, dtype=torch.float32)
         self.true_concepts = torch.as_tensor(self.true_concepts, dtype=torch.float32)
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
@@ -99,6 +105,34 @@ class ConceptPredictions:
         if self.concept_names is not None and len(self.concept_names) != k:
             raise ValueError(f"{len(self.concept_names)} concept names for {k} concepts")
 
+    @classmethod
+    def from_dataset(
+        cls,
+        data: ConceptDataset,
+        split: str,
+        *,
+        values: np.ndarray | torch.Tensor,
+        kind: str,
+        reference_values: np.ndarray | torch.Tensor | None = None,
+    ) -> ConceptPredictions:
+        """Predictions ``values`` for the samples of ``data.split(split)``, with that split's true and
+        instance-level concepts, labels, visibility, the data set's groups, concept names and
+        metric (``data.metadata['metric']``, e.g. SkinCon's balanced error)."""
+        part = data.split(split)
+        return cls(
+            values=values,
+            kind=kind,
+            true_concepts=part["concepts"],
+            labels=part["labels"],
+            n_classes=data.n_classes,
+            groups=data.groups,
+            visibility=part["visibility"],
+            reference_values=reference_values,
+            instance_concepts=part["instance_concepts"],
+            concept_names=data.concept_names,
+            metric=data.metadata.get("metric"),
+        )
+
     @property
     def n_samples(self) -> int:
         return self.values.shape[0]
@@ -132,18 +166,32 @@ def save_predictions(
     target_model: nn.Module | None = None,
     target_spec: TargetModelSpec | None = None,
 ) -> Path:
-    """Save predictions (and optionally f as ``target_spec`` plus its ``state_dict``) to .pt or .npz."""
+    """Save predictions (and optionally f as ``target_spec`` plus its ``state_dict``) to .pt or .npz.
+
+    ``target_model`` must be what ``target_spec`` builds: a linear spec (``hidden=()``) takes a bare
+    ``nn.Linear`` or an ``nn.Sequential`` around one; an MLP spec takes the ``nn.Sequential`` of
+    :func:`~cbm_intervene.models.mlp`. The weights are checked here, so a file that cannot be
+    loaded is never written, and stored in the layout the spec builds.
+    """
     path = Path(path)
     if path.suffix not in (".pt", ".npz"):
         raise ValueError(f"predictions file must end in .pt or .npz, got {path.name!r}")
     if (target_model is None) != (target_spec is None):
         raise ValueError("pass target_model and target_spec together (the spec rebuilds the architecture)")
+    if target_spec is not None:
+        if (target_spec.n_concepts, target_spec.n_classes) != (predictions.n_concepts, predictions.n_classes):
+            raise ValueError(
+                f"target_spec maps {target_spec.n_concepts} concepts to {target_spec.n_classes} classes, "
+                f"but the predictions have {predictions.n_concepts} concepts and {predictions.n_classes} classes"
+            )
+        target_model = target_spec.load(target_model.state_dict())
     meta: dict[str, Any] = {
         "format": "cbm-intervene-predictions/1",
         "kind": predictions.kind,
         "n_classes": predictions.n_classes,
         "groups": None if predictions.groups is None else predictions.groups.to_dict(),
         "concept_names": predictions.concept_names,
+        "metric": predictions.metric,
         "target_spec": None if target_spec is None else {**target_spec.__dict__, "hidden": list(target_spec.hidden)},
     }
     arrays = {name: getattr(predictions, name) for name in _ARRAYS if getattr(predictions, name) is not None}
@@ -160,6 +208,8 @@ def save_predictions(
 def load_predictions(path: str | Path) -> tuple[ConceptPredictions, nn.Module | None]:
     """Load a file written by :func:`save_predictions` (or by hand in the same layout)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
     if path.suffix == ".pt":
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta, arrays = blob["meta"], {k: torch.as_tensor(v) for k, v in blob["arrays"].items()}
@@ -177,13 +227,15 @@ def load_predictions(path: str | Path) -> tuple[ConceptPredictions, nn.Module | 
         n_classes=int(meta["n_classes"]),
         groups=None if meta.get("groups") is None else ConceptGroups.from_dict(meta["groups"]),
         concept_names=meta.get("concept_names"),
+        metric=meta.get("metric"),
         **{name: arrays.get(name) for name in _ARRAYS},
     )
     target_model = None
     if meta.get("target_spec") is not None:
         spec = TargetModelSpec(**meta["target_spec"])
-        target_model = spec.build()
         prefix = "target_model."
-        target_model.load_state_dict({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
-        target_model.eval()
+        try:
+            target_model = spec.load({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return predictions, target_model

@@ -7,6 +7,7 @@ from cbm_intervene.intervention.criteria import (
     get_criterion,
     register_criterion,
     score_concepts,
+    score_units,
 )
 from cbm_intervene.intervention.engine import (
     LEVELS,
@@ -34,4 +35,5 @@ __all__ = [
     "replacement_values",
     "run_intervention",
     "score_concepts",
+    "score_units",
 ]

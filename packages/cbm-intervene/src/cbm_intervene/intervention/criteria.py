@@ -6,18 +6,32 @@ to scores of shape ``(N, K)``: larger means "ask the expert about this concept f
 reads, ``f`` the concept-to-target model, ``c_hat|c_i=v`` the bottleneck with concept ``i`` set to
 the replacement value of ``v``.
 
-======== ========================================================================= ============
-RAND     a uniform random score (random order)                                      0 passes
+======== ========================================================================= ==============
+RAND     a uniform random permutation of the units (concepts or groups)             0 passes
 UCP      ``1 / |p_i - 0.5|`` (uncertainty of concept prediction)                   0 passes
 LCP      ``|p_i - c_i|`` (loss; needs the true concepts -- an oracle reference)     0 passes
 CCTP     ``sum_j |c_hat_i * d f_j / d c_hat_i|`` (contribution to the target)       1 + M passes
-ECTP     ``(1-p_i) KL(f(c_hat|c_i=0) || f(c_hat)) + p_i KL(f(c_hat|c_i=1) || f(c_hat))``  2K passes
-EUDTP    ``H(f(c_hat)) - [(1-p_i) H(f(c_hat|c_i=0)) + p_i H(f(c_hat|c_i=1))]``     2K passes
-======== ========================================================================= ============
+ECTP     ``(1-p_i) KL(f(c_hat|c_i=0) || f(c_hat)) + p_i KL(f(c_hat|c_i=1) || f(c_hat))``  1 + 2C passes
+EUDTP    ``H(f(c_hat)) - [(1-p_i) H(f(c_hat|c_i=0)) + p_i H(f(c_hat|c_i=1))]``     1 + 2C passes
+======== ========================================================================= ==============
+
+Passes are per scored sample: M is the number of classes of f, C the number of *candidate* concepts
+of that sample (those still to be asked; ``ScoringContext.candidates``). ECTP and EUDTP run f once
+on the current bottleneck and twice per candidate; they never evaluate hypotheticals for concepts
+that cannot be asked. A sample without candidates is not scored and costs nothing.
 
 CCTP here takes the exact gradient of f by autograd, so it is right for any f; ``CCTP_FIRST_LAYER``
 reproduces the authors' code, which multiplies by the first linear layer's weights (exact only for
-a linear f). Add a criterion with :func:`register_criterion`::
+a linear f). ``c_hat`` is the bottleneck f actually reads under the conceptualization
+(``ScoringContext.f_values``): under HARD, CCTP and CCTP_FIRST_LAYER are taken at the thresholded
+values, exactly as ECTP/EUDTP look ahead through the thresholded f. SAMP has no single bottleneck:
+every look-ahead and gradient criterion then uses the SOFT one.
+
+Most criteria score concepts and the engine turns concept scores into group scores (mean or max over
+the group's candidate members). A criterion registered with ``scores_units=True`` scores the ranked
+units directly instead (``ScoringContext.membership``): RAND does, so that it is a uniform random
+order of groups too -- a mean or max of uniform concept scores is not (the max favours large groups,
+the mean pushes small groups to both ends). Add a criterion with :func:`register_criterion`::
 
     @register_criterion("MARGIN", forward_passes=lambda n_candidates, n_classes: 0)
     def margin(ctx):
@@ -39,11 +53,18 @@ LogPredict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class ScoringContext:
     """What a criterion may look at, for all N evaluation samples at once.
 
-    ``values`` (N, K): the bottleneck f reads, interventions applied. ``probs`` (N, K): concept
+    ``values`` (N, K): the bottleneck as predicted, interventions applied. ``probs`` (N, K): concept
     probabilities (revealed concepts at their true 0/1). ``intervened`` (N, K): already revealed.
     ``true_concepts`` (N, K). ``low``/``high`` (K,): the values that mean "concept absent/present"
     (0/1 for probabilities, 5th/95th percentiles for logits). ``log_predict(values, intervened)``:
     f's log class probabilities under the chosen conceptualization, for look-ahead.
+
+    ``candidates`` (N, K) bool: the concepts whose scores the engine will use (not yet asked and
+    askable); other entries of a criterion's output are ignored, so a costly criterion may leave
+    them at 0 instead of computing them. ``None``: every concept. ``membership`` (U, K) bool: the
+    units being ranked (concept groups at group levels); ``None``: the concepts themselves.
+    ``f_inputs(values, intervened)``: the bottleneck f reads under the conceptualization (HARD:
+    thresholded; SOFT and SAMP: as is); ``None``: as is.
     """
 
     values: torch.Tensor
@@ -56,18 +77,39 @@ class ScoringContext:
     log_predict: LogPredict
     generator: torch.Generator
     chunk_rows: int = 65536
+    candidates: torch.Tensor | None = None
+    membership: torch.Tensor | None = None
+    f_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def candidate_mask(self) -> torch.Tensor:
+        if self.candidates is None:
+            return torch.ones(self.values.shape, dtype=torch.bool)
+        return self.candidates.bool()
+
+    @property
+    def n_units(self) -> int:
+        return self.values.shape[1] if self.membership is None else self.membership.shape[0]
+
+    @property
+    def f_values(self) -> torch.Tensor:
+        """The bottleneck f reads (``values`` under SOFT/SAMP, thresholded under HARD)."""
+        return self.values if self.f_inputs is None else self.f_inputs(self.values, self.intervened)
 
 
 @dataclass(frozen=True)
 class Criterion:
     name: str
     score: Callable[[ScoringContext], torch.Tensor]
-    #: passes of f (forward or backward) per sample needed to score ``n_candidates`` concepts of an f
-    #: with ``n_classes`` outputs: the count the cost model charges tau_f for
+    #: passes of f (forward or backward) per scored sample needed to score its ``n_candidates``
+    #: candidate concepts with an f of ``n_classes`` outputs: the count the cost model charges tau_f
+    #: for (samples without candidates are not scored and charged nothing)
     forward_passes: Callable[[int, int], int]
     needs_true_concepts: bool = False
     #: True when scores depend on the random generator (then runs over seeds differ)
     stochastic: bool = False
+    #: True when ``score`` returns one score per ranked unit, ``(N, ctx.n_units)``, instead of per concept
+    scores_units: bool = False
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -79,15 +121,20 @@ def register_criterion(
     forward_passes: Callable[[int, int], int] = lambda n_candidates, n_classes: 0,
     needs_true_concepts: bool = False,
     stochastic: bool = False,
+    scores_units: bool = False,
     overwrite: bool = False,
 ) -> Callable[[Callable[[ScoringContext], torch.Tensor]], Callable[[ScoringContext], torch.Tensor]]:
-    """Decorator registering ``fn(ctx) -> (N, K) scores`` under ``name`` (case-insensitive)."""
+    """Decorator registering ``fn(ctx) -> (N, K) scores`` under ``name`` (case-insensitive).
+
+    With ``scores_units=True``, ``fn`` returns ``(N, ctx.n_units)`` scores of the ranked units
+    (groups at group levels) and no group aggregation is applied.
+    """
     key = name.upper()
 
     def decorator(fn: Callable[[ScoringContext], torch.Tensor]) -> Callable[[ScoringContext], torch.Tensor]:
         if key in CRITERIA and not overwrite:
             raise ValueError(f"criterion {key!r} is already registered (pass overwrite=True to replace it)")
-        CRITERIA[key] = Criterion(key, fn, forward_passes, needs_true_concepts, stochastic)
+        CRITERIA[key] = Criterion(key, fn, forward_passes, needs_true_concepts, stochastic, scores_units)
         return fn
 
     return decorator
@@ -101,18 +148,48 @@ def get_criterion(name: str) -> Criterion:
 
 
 def score_concepts(name: str, ctx: ScoringContext) -> torch.Tensor:
-    """Scores of criterion ``name``, checked to be a finite ``(N, K)`` tensor."""
-    scores = get_criterion(name).score(ctx)
-    if tuple(scores.shape) != tuple(ctx.values.shape):
-        raise ValueError(f"criterion {name!r} returned shape {tuple(scores.shape)}, expected {tuple(ctx.values.shape)}")
+    """Raw scores of criterion ``name``, checked to be a NaN-free tensor of the declared shape:
+    ``(N, K)``, or ``(N, ctx.n_units)`` for a criterion that scores units directly."""
+    criterion = get_criterion(name)
+    scores = criterion.score(ctx)
+    n, k = ctx.values.shape
+    expected = (n, ctx.n_units) if criterion.scores_units else (n, k)
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"criterion {name!r} returned shape {tuple(scores.shape)}, expected {expected}")
     if torch.isnan(scores).any():
         raise ValueError(f"criterion {name!r} returned NaN scores")
     return scores
 
 
-@register_criterion("RAND", stochastic=True)
+GROUP_SCORES = ("mean", "max")
+
+
+def score_units(name: str, ctx: ScoringContext, group_score: str = "mean") -> torch.Tensor:
+    """``(N, ctx.n_units)`` scores of the ranked units: a unit-scoring criterion's own scores, else
+    the concept scores (individual levels) or, per group, the mean (Shin et al., Sec. 3.2; the
+    authors' code) or max of the scores of its candidate members."""
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"unknown group score {group_score!r}; expected one of {list(GROUP_SCORES)}")
+    scores = score_concepts(name, ctx)
+    if get_criterion(name).scores_units or ctx.membership is None:
+        return scores
+    members = ctx.membership.bool()
+    needed = ctx.candidate_mask
+    # members that will not be asked (already revealed, or skipped as not visible) do not count
+    kept = torch.where(needed, scores, torch.zeros_like(scores))
+    if group_score == "mean":
+        counts = needed.float() @ members.T.float()
+        return (kept @ members.T.float()) / counts.clamp_min(1.0)
+    pairs = members[None] & needed[:, None, :]  # (N, U, K)
+    return torch.where(pairs, scores[:, None, :], -torch.inf).amax(-1)
+
+
+@register_criterion("RAND", stochastic=True, scores_units=True)
 def random_scores(ctx: ScoringContext) -> torch.Tensor:
-    return torch.rand(ctx.values.shape, generator=ctx.generator)
+    """Independent U(0, 1) scores per (sample, unit): sorting them gives every sample a uniform random
+    permutation of its units (S levels) and the whole set a uniform random permutation of its
+    (sample, unit) pairs (B levels), for concepts and groups alike."""
+    return torch.rand((ctx.values.shape[0], ctx.n_units), generator=ctx.generator)
 
 
 @register_criterion("UCP")
@@ -132,15 +209,21 @@ def _forward_and_backward_per_class(n_candidates: int, n_classes: int) -> int:
 
 @register_criterion("CCTP", forward_passes=_forward_and_backward_per_class)
 def contribution_scores(ctx: ScoringContext) -> torch.Tensor:
-    """``sum_j |c_hat_i * df_j/dc_hat_i|`` with the exact Jacobian of f (rows of f are independent,
-    so one backward pass per output class yields every sample's gradient at once)."""
+    """``sum_j |c_hat_i * df_j/dc_hat_i|`` (Shin et al., Table 1) with the exact Jacobian of f at the
+    bottleneck f reads (rows of f are independent, so one backward pass per output class yields
+    every sample's gradient at once). Only samples with a candidate concept are evaluated."""
+    rows = ctx.candidate_mask.any(1).nonzero().squeeze(1)
+    scores = torch.zeros(ctx.values.shape)
+    if not len(rows):
+        return scores
     with torch.enable_grad():
-        inputs = ctx.values.detach().clone().requires_grad_(True)
+        inputs = ctx.f_values[rows].detach().clone().requires_grad_(True)
         outputs = ctx.target_model(inputs)
-        scores = torch.zeros_like(inputs)
+        total = torch.zeros_like(inputs)
         for j in range(outputs.shape[1]):
             (grad,) = torch.autograd.grad(outputs[:, j].sum(), inputs, retain_graph=j < outputs.shape[1] - 1)
-            scores += (inputs.detach() * grad).abs()
+            total += (inputs.detach() * grad).abs()
+    scores[rows] = total
     return scores
 
 
@@ -155,40 +238,51 @@ def first_linear_layer(module: nn.Module) -> nn.Linear:
 def first_layer_contribution_scores(ctx: ScoringContext) -> torch.Tensor:
     """The authors' CCTP: ``sum_h |c_hat_i * W_hi|`` with W the first linear layer of f."""
     weight = first_linear_layer(ctx.target_model).weight.detach()  # (H, K)
-    return ctx.values.abs() * weight.abs().sum(0)
+    return ctx.f_values.abs() * weight.abs().sum(0)
 
 
-def _two_per_candidate(n_candidates: int, n_classes: int) -> int:
-    return 2 * n_candidates
+def _base_and_two_per_candidate(n_candidates: int, n_classes: int) -> int:
+    return 1 + 2 * n_candidates
 
 
 def lookahead_scores(
     ctx: ScoringContext,
     combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Evaluate f on every hypothetical ``c_hat|c_i=0`` and ``c_hat|c_i=1`` in batched passes.
+    """Evaluate f on the hypotheticals ``c_hat|c_i=0`` and ``c_hat|c_i=1`` of every candidate
+    (sample, concept) pair in batched passes.
 
-    For a chunk of B samples the (B, K, K) hypotheticals (row i = the sample with concept i
-    replaced) go through f as one (B*K, K) batch. ``combine(base, logp0, logp1, p)`` receives the
-    log class probabilities ``(B, M)``, ``(B, K, M)``, ``(B, K, M)`` and ``p`` ``(B, K)``.
+    f runs once on the current bottleneck of each sample with a candidate, then on the two
+    hypotheticals of each candidate pair, ``ctx.chunk_rows`` pairs per batch; non-candidates are
+    never evaluated and score 0. ``combine(base, logp0, logp1, p)`` receives, per pair, the log class
+    probabilities ``(P, M)`` of the current bottleneck, of ``c_i=0`` and of ``c_i=1``, and ``p_i``
+    ``(P,)``, and returns ``(P,)`` scores.
     """
     n, k = ctx.values.shape
-    eye = torch.eye(k, dtype=torch.bool)
-    out = torch.empty(n, k)
-    step = max(1, ctx.chunk_rows // max(k, 1))
+    out = torch.zeros(n, k)
+    pairs = ctx.candidate_mask.nonzero()  # (P, 2): (sample, concept)
+    if not len(pairs):
+        return out
+    scored = pairs[:, 0].unique()
+    step = max(1, ctx.chunk_rows)
     with torch.no_grad():
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            values, mask, p = ctx.values[rows], ctx.intervened[rows], ctx.probs[rows]
-            b = values.shape[0]
-            base = ctx.log_predict(values, mask)
-            grid = values[:, None, :].expand(b, k, k)
-            hyp_mask = (mask[:, None, :] | eye).reshape(b * k, k)
+        base_parts = [
+            ctx.log_predict(ctx.values[scored[i : i + step]], ctx.intervened[scored[i : i + step]])
+            for i in range(0, len(scored), step)
+        ]
+        base = torch.zeros(n, base_parts[0].shape[-1])
+        base[scored] = torch.cat(base_parts)
+        for start in range(0, len(pairs), step):
+            sample, concept = pairs[start : start + step].unbind(1)
+            rows = torch.arange(len(sample))
+            mask = ctx.intervened[sample].clone()
+            mask[rows, concept] = True
             logp = []
             for replacement in (ctx.low, ctx.high):
-                hyp = torch.where(eye, replacement.expand(k, k), grid).reshape(b * k, k)
-                logp.append(ctx.log_predict(hyp, hyp_mask).reshape(b, k, -1))
-            out[rows] = combine(base, logp[0], logp[1], p)
+                hyp = ctx.values[sample].clone()
+                hyp[rows, concept] = replacement[concept]
+                logp.append(ctx.log_predict(hyp, mask))
+            out[sample, concept] = combine(base[sample], logp[0], logp[1], ctx.probs[sample, concept])
     return out
 
 
@@ -203,18 +297,17 @@ def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
 
 
-@register_criterion("ECTP", forward_passes=_two_per_candidate)
+@register_criterion("ECTP", forward_passes=_base_and_two_per_candidate)
 def expected_change_scores(ctx: ScoringContext) -> torch.Tensor:
     def combine(base: torch.Tensor, logp0: torch.Tensor, logp1: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        base = base[:, None, :]
         return (1 - p) * _kl(logp0, base) + p * _kl(logp1, base)
 
     return lookahead_scores(ctx, combine)
 
 
-@register_criterion("EUDTP", forward_passes=_two_per_candidate)
+@register_criterion("EUDTP", forward_passes=_base_and_two_per_candidate)
 def uncertainty_decrease_scores(ctx: ScoringContext) -> torch.Tensor:
     def combine(base: torch.Tensor, logp0: torch.Tensor, logp1: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return _entropy(base)[:, None] - ((1 - p) * _entropy(logp0) + p * _entropy(logp1))
+        return _entropy(base) - ((1 - p) * _entropy(logp0) + p * _entropy(logp1))
 
     return lookahead_scores(ctx, combine)

@@ -5,7 +5,8 @@ criterion* (:mod:`.criteria`), a *level* and a *cost*:
 
 - ``I+S`` individual + single: each sample orders its own K concepts; step t reveals its top t.
 - ``G+S`` group + single: the same over concept groups (a group's score is the mean -- the paper --
-  or the max of its members' scores).
+  or the max of the scores of its members that can still be asked; RAND, which scores units
+  directly, is a uniform random order of the groups).
 - ``I+B`` individual + batch: all (sample, concept) pairs of the evaluation set are ranked
   together; step t reveals the top ``t * N`` pairs.
 - ``G+B`` group + batch: the same over (sample, group) pairs.
@@ -23,12 +24,16 @@ marked not visible are, when revealed, ``nullify``: set to "absent" (the authors
 
 Cost (Sec. 3.4; the paper's exact formula is not recoverable, so every term is explicit): a
 revealed concept costs ``tau_i`` (individual levels), a revealed group ``tau_g`` (group levels),
-and each pass of f a criterion needs costs ``tau_f``.
+and each pass of f a criterion needs costs ``tau_f``. Passes are counted per sample for what the
+criterion actually evaluates: at every scoring, only the concepts still to be asked are candidates
+(static ordering scores once, on every askable concept; adaptive ordering re-scores the remaining
+ones before each step), and a sample without candidates is not scored.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +42,23 @@ import torch
 from torch import nn
 
 from cbm_intervene.data.predictions import ConceptPredictions
-from cbm_intervene.intervention.criteria import CRITERIA, ScoringContext, get_criterion, score_concepts
-from cbm_intervene.metrics import error_rate
+from cbm_intervene.intervention.criteria import (
+    CRITERIA,
+    GROUP_SCORES,
+    ScoringContext,
+    first_linear_layer,
+    get_criterion,
+    score_units,
+)
+from cbm_intervene.metrics import METRICS, error_rate
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("I+S", "G+S", "I+B", "G+B")
 ORDERINGS = ("static", "adaptive")
-GROUP_SCORES = ("mean", "max")
 CONCEPTUALIZATIONS = ("soft", "hard", "samp")
 NOT_VISIBLE = ("nullify", "keep", "skip")
 REPLACEMENT_SOURCES = ("train", "eval")
-METRICS = ("error", "balanced_error")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...], *, upper: bool = False) -> str:
@@ -204,7 +214,8 @@ class TargetPredictor:
         if mode == "soft":
             return torch.log_softmax(self.model(values), dim=-1)
         if mode == "hard":
-            threshold = 0.5 if self.kind == "prob" else 0.0  # the authors' code uses 0.5 for logits too: a bug
+            # logits are thresholded at 0 (probability 0.5); the authors' code uses 0.5 for logits too: a bug
+            threshold = 0.5 if self.kind == "prob" else 0.0
             hard = self._from_binary(values >= threshold)
             return torch.log_softmax(self.model(torch.where(intervened, values, hard)), dim=-1)
         # samp: average f's class probabilities over Bernoulli draws of the unrevealed concepts; a fixed
@@ -218,13 +229,58 @@ class TargetPredictor:
             total = out if total is None else total + out
         return torch.log(total / self.n_samples)
 
+    @property
+    def lookahead_mode(self) -> str:
+        """Look-ahead and gradient criteria need a deterministic f: SAMP falls back to SOFT."""
+        return "soft" if self.mode == "samp" else self.mode
+
     def lookahead_log_proba(self, values: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
-        # look-ahead criteria need a deterministic f: sampling is replaced by the soft bottleneck
-        return self.log_proba(values, intervened, mode="soft" if self.mode == "samp" else self.mode)
+        return self.log_proba(values, intervened, mode=self.lookahead_mode)
+
+    def lookahead_inputs(self, values: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
+        """The bottleneck f reads in :meth:`lookahead_log_proba` (thresholded under HARD)."""
+        if self.lookahead_mode == "soft":
+            return values
+        threshold = 0.5 if self.kind == "prob" else 0.0
+        return torch.where(intervened, values, self._from_binary(values >= threshold))
 
 
 def _stable_descending(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.argsort(-scores, dim=dim, stable=True)
+
+
+def check_target_model(target_model: nn.Module, n_concepts: int, n_classes: int, probe: torch.Tensor) -> None:
+    """Fail early, naming both widths, when f cannot read ``n_concepts`` values or does not return
+    ``n_classes`` logits."""
+    try:
+        with torch.no_grad():
+            out = target_model(probe)
+    except RuntimeError as exc:
+        try:
+            expected = first_linear_layer(target_model).in_features
+        except ValueError:
+            expected = None
+        if expected is not None and expected != n_concepts:
+            raise ValueError(
+                f"target model expects {expected} input concepts (its first nn.Linear layer), "
+                f"but the predictions have {n_concepts} concepts"
+            ) from None
+        raise ValueError(f"target model fails on the predictions' {n_concepts} concepts: {exc}") from None
+    if out.ndim != 2 or out.shape[1] != n_classes:
+        raise ValueError(
+            f"target model maps {n_concepts} concepts to output shape {tuple(out.shape[1:])}, "
+            f"expected ({n_classes},) class logits"
+        )
+
+
+def _passes_per_sample(criterion_passes: Callable[[int, int], int], candidates: torch.Tensor, n_classes: int) -> float:
+    """Mean over samples of the passes of f a scoring costs (0 for samples without candidates)."""
+    counts = candidates.sum(1)
+    total = 0.0
+    for count, samples in zip(*counts.unique(return_counts=True), strict=True):
+        if count > 0:
+            total += float(criterion_passes(int(count), n_classes)) * int(samples)
+    return total / max(len(counts), 1)
 
 
 def run_intervention(
@@ -245,13 +301,7 @@ def run_intervention(
     predictor = TargetPredictor(
         target_model, predictions.kind, config.conceptualization, low, high, config.n_samples, config.seed
     )
-    with torch.no_grad():
-        sample_out = target_model(predictions.values[:1])
-    if sample_out.ndim != 2 or sample_out.shape[1] != predictions.n_classes:
-        raise ValueError(
-            f"target model maps {k} concepts to output shape {tuple(sample_out.shape[1:])}, "
-            f"expected ({predictions.n_classes},) class logits"
-        )
+    check_target_model(target_model, k, predictions.n_classes, predictions.values[:1])
 
     visible = predictions.visibility if predictions.visibility is not None else torch.ones(n, k, dtype=torch.bool)
     askable = visible if config.not_visible == "skip" else torch.ones(n, k, dtype=torch.bool)
@@ -274,7 +324,9 @@ def run_intervention(
         probs = torch.where(changed, revealed_probs, initial_probs)
         return asked, changed, values, probs
 
-    def unit_scores(changed: torch.Tensor, values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def unit_scores(
+        changed: torch.Tensor, values: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
         ctx = ScoringContext(
             values=values,
             probs=probs,
@@ -286,13 +338,11 @@ def run_intervention(
             log_predict=predictor.lookahead_log_proba,
             generator=generator,
             chunk_rows=config.chunk_rows,
+            candidates=candidates,
+            membership=membership if config.is_group_level else None,
+            f_inputs=predictor.lookahead_inputs,
         )
-        scores = score_concepts(criterion.name, ctx)
-        if not config.is_group_level:
-            return scores
-        if config.group_score == "mean":
-            return (scores @ membership.T.float()) / membership.sum(1).float()
-        return torch.where(membership[None], scores[:, None, :], -torch.inf).amax(-1)
+        return score_units(criterion.name, ctx, config.group_score)
 
     def evaluate(values: torch.Tensor, changed: torch.Tensor) -> float:
         predicted = predictor.log_proba(values, changed).argmax(-1)
@@ -307,10 +357,10 @@ def run_intervention(
     concept_counts, unit_counts, passes = [asked.sum(1)], [selected.sum(1)], [0.0]
     order = None
     if config.ordering == "static" and n_steps > 0:
-        masked = torch.where(unit_eligible, unit_scores(changed, values, probs), -torch.inf)
+        masked = torch.where(unit_eligible, unit_scores(changed, values, probs, askable), -torch.inf)
         order = _stable_descending(masked.flatten() if config.is_batch_level else masked)
         n_eligible = unit_eligible.sum(1)
-        static_passes = criterion.forward_passes(k, predictions.n_classes)
+        static_passes = _passes_per_sample(criterion.forward_passes, askable, predictions.n_classes)
     for t in range(1, n_steps + 1):
         if order is not None:  # static: a prefix of the initial order
             if config.is_batch_level:
@@ -323,9 +373,9 @@ def run_intervention(
             open_units = unit_eligible & ~selected
             if not open_units.any():
                 break
-            candidates = (~asked & askable).sum(1).float().mean().item()  # concepts still to ask about
-            spent = passes[-1] + criterion.forward_passes(round(candidates), predictions.n_classes)
-            masked = torch.where(open_units, unit_scores(changed, values, probs), -torch.inf)
+            candidates = ~asked & askable  # concepts still to ask about; the rest is not scored
+            spent = passes[-1] + _passes_per_sample(criterion.forward_passes, candidates, predictions.n_classes)
+            masked = torch.where(open_units, unit_scores(changed, values, probs, candidates), -torch.inf)
             if config.is_batch_level:
                 picks = _stable_descending(masked.flatten())[: min(n, int(open_units.sum()))]
                 selected.view(-1)[picks] = True
