@@ -142,9 +142,9 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {o} | {1e3 * t:.2f} | {t / timing['adamw']:.2f} |" for o, t in timing.items()],
         "",
-        "Basis rotation's step includes the amortised refresh (every 10 steps). No peer implementation",
-        "was timed side by side: `pytorch-optimizer`'s SOAP (the (second, bi) member of the family) is",
-        "installable but was not set up in its own environment for this run.",
+        "Basis rotation's step includes the amortised refresh (every 10 steps). The side-by-side timing",
+        "against a peer (pytorch-optimizer's SOAP, the (second, bi) member of the family) is the",
+        "`br_optimizer_step` section below.",
         "",
     ]
     # only this script's section is replaced; other sections of the file (e.g. br_optimizer_step's) stay
@@ -161,7 +161,7 @@ def main() -> None:
         Path(args.store).with_suffix(".run.json"),
         config=vars(args),
         metrics={
-            "target": target,
+            "targets": targets,
             "timing_s": timing,
             "final": {f"{o}/P={p}": smoothed(r["losses"])[-1] for (o, p), r in results.items()},
         },

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from basisrot_pipeline.cli import main
 from basisrot_pipeline.emulator import StalenessEmulator
 from basisrot_pipeline.model import ModelConfig
+from basisrot_pipeline.optim import OptimConfig
 from basisrot_pipeline.train import TrainConfig, train
 
 TINY_ARGS = [
@@ -77,9 +79,37 @@ def test_train_resumes_after_interruption(tmp_path, monkeypatch):
         train(config, tmp_path / "interrupted")
     assert (tmp_path / "interrupted" / "checkpoint.pt").exists()
     monkeypatch.setattr(StalenessEmulator, "step", real_step)
-    resumed = train(config, tmp_path / "interrupted")  # continues from minibatch 3
+    # a resume under other settings would bring back the saved lr/frequency with the optimizer state
+    changed = replace(config, optim=replace(config.optim, lr=3e-3), steps=9)
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.003; steps: 7 -> 9") as refused:
+        train(changed, tmp_path / "interrupted")
+    assert "checkpoint.pt" in str(refused.value)
+    resumed = train(replace(config, checkpoint_every=2), tmp_path / "interrupted")  # continues from minibatch 3
     assert resumed["train_losses"] == full["train_losses"]
     assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_rerun_of_a_finished_emulated_run_reports_it(tmp_path, monkeypatch):
+    config = TrainConfig(
+        stages=2,
+        steps=4,
+        batch_size=4,
+        data="random",
+        checkpoint_every=2,
+        eval_batches=1,
+        model=ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16),
+    )
+    first = train(config, tmp_path)
+
+    def must_not_train(self, inputs, targets):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(StalenessEmulator, "step", must_not_train)
+    again = train(config, tmp_path)
+    assert again["already_finished"] and again["train_losses"] == first["train_losses"]
+    assert again["val_loss"] == first["val_loss"]
+    with pytest.raises(ValueError, match=r"finished run .*run\.json.*optim\.name: 'basis-rotation' -> 'adamw'"):
+        train(replace(config, optim=OptimConfig(name="adamw")), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +139,7 @@ def test_demo_short_run(tmp_path):
     assert (tmp_path / "adamw" / "run.json").exists() and (tmp_path / "basis-rotation" / "run.json").exists()
 
 
-def test_train_distributed_matches_emulated(tmp_path, single_thread):
+def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
     tiny = [
         "--set",
         "data=random",
@@ -148,11 +178,23 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread):
             )
             == 0
         )
-    emulated = json.loads((tmp_path / "emulated" / "run.json").read_text())["metrics"]["train_losses"]
+    emulated = json.loads((tmp_path / "emulated" / "run.json").read_text())["metrics"]
     record = json.loads((tmp_path / "distributed" / "run.json").read_text())
-    assert record["metrics"]["train_losses"] == pytest.approx(emulated, abs=1e-5)
+    assert record["metrics"]["train_losses"] == pytest.approx(emulated["train_losses"], abs=1e-5)
+    assert record["metrics"]["val_loss"] == pytest.approx(emulated["val_loss"], abs=1e-5)
     assert record["runtime"] == "distributed"
     assert (tmp_path / "distributed" / "checkpoints" / "step_00000003" / "stage_1.pt").exists()
+
+    # a rerun of the finished run reports it (no workers are started), as the emulated runtime does
+    rerun = ["train", "--stages", "2", "--steps", "5", "--runtime", "distributed", *tiny]
+    capsys.readouterr()
+    assert main([*rerun, "--output-dir", str(tmp_path / "distributed")]) == 0
+    assert '"already_finished": true' in capsys.readouterr().out
+    # an interrupted run (checkpoint, no record) refuses other settings before starting any worker
+    (tmp_path / "distributed" / "run.json").unlink()
+    with pytest.raises(SystemExit):
+        main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")])
+    assert re.search(r"checkpoint at step 3 .*run\.optim\.lr: 0\.001 -> 0\.005", capsys.readouterr().err)
 
 
 def test_train_from_yaml_config_with_custom_schedule(tmp_path):

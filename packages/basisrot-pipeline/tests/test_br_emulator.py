@@ -138,6 +138,22 @@ def test_emulator_checkpoint_resume_equals_uninterrupted(tiny_config, tiny_batch
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_emulator_refuses_a_checkpoint_of_other_settings(tiny_config, tiny_batches, fast_optim):
+    delays = (1, 0)
+    _, first = build_emulator(tiny_config, fast_optim(), delays, total_steps=6)
+    first.step(*tiny_batches.batch(0))
+    state = first.state_dict()
+    _, other_lr = build_emulator(tiny_config, fast_optim(lr=5e-3), delays, total_steps=6)
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.01 -> 0\.005"):
+        other_lr.load_state_dict(state)
+    _, longer = build_emulator(tiny_config, fast_optim(), delays, total_steps=8, weight_stashing=False)
+    with pytest.raises(ValueError, match=r"total_steps: 6 -> 8; weight_stashing: True -> False"):
+        longer.load_state_dict(state)
+    _, deeper = build_emulator(tiny_config, fast_optim(), (2, 0), total_steps=6)
+    with pytest.raises(ValueError, match=r"delays: \[1, 0\] -> \[2, 0\]"):
+        deeper.load_state_dict(state)
+
+
 def test_emulator_rejects_mismatched_inputs(fast_optim):
     with pytest.raises(ValueError, match="one optimizer and one delay per stage"):
         StalenessEmulator([torch.nn.Linear(2, 2)], [], (0,), optim_config=fast_optim(), total_steps=1)

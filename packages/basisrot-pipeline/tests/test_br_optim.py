@@ -80,6 +80,39 @@ def test_size_guard_falls_back_to_adam():
     assert all(s["basis_left"] is None and s["basis_right"] is None for s in opt.state.values())
 
 
+class _RecordShapes(torch.overrides.TorchFunctionMode):
+    """Records the shape of every tensor produced by a torch function (matmuls included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor):
+            self.shapes.add(tuple(result.shape))
+        return result
+
+
+@pytest.mark.parametrize("source", ["second", "first"])
+def test_unrotated_sides_never_form_their_statistic(source):
+    # "uni" keeps only the smaller side of the 7 x 3 weight; the size guard drops the 9-row side of the
+    # 9 x 3 weight. Neither a 7 x 7 nor a 9 x 9 product may be built (it would be thrown away).
+    uni, guarded = _params(shapes=((7, 3),)), _params(shapes=((9, 3),))
+    optimizer = BasisRotation(
+        [{"params": uni, "geometry": "uni"}, {"params": guarded, "max_precond_dim": 4}],
+        precondition_frequency=2,
+        source=source,
+        **HP,
+    )
+    grads = _random_grads(((7, 3), (9, 3)), 5, seed=4)
+    with _RecordShapes() as recorder:
+        _run(uni + guarded, optimizer, grads)
+    assert (3, 3) in recorder.shapes  # the kept sides' statistics were formed
+    assert (7, 7) not in recorder.shapes and (9, 9) not in recorder.shapes
+    assert optimizer.state[uni[0]]["stat_left"] is None and optimizer.state[guarded[0]]["stat_left"] is None
+
+
 @pytest.mark.parametrize("source", ["second", "first"])
 def test_diagonal_gradients_give_signed_permutation_bases_and_adam_updates(source):
     # Diagonal gradients have diagonal statistics: the eigenbases are signed permutations, under which
@@ -218,6 +251,14 @@ def test_bad_inputs():
         BasisRotation(p, geometry="tri")
     with pytest.raises(ValueError, match="source must be one of"):
         OptimConfig(source="third")
+    with pytest.raises(ValueError, match=r"max_precond_dim must be a non-negative int .*got -1"):
+        OptimConfig(max_precond_dim=-1)
+    with pytest.raises(ValueError, match=r"max_precond_dim must be a non-negative int .*got 2.5"):
+        OptimConfig(max_precond_dim=2.5)
+    with pytest.raises(ValueError, match=r"nesterov_momentum must be in \[0, 1\), got 1.0"):
+        OptimConfig(nesterov_momentum=1.0)
+    with pytest.raises(ValueError, match=r"nesterov_momentum must be in \[0, 1\), got -0.5"):
+        OptimConfig(nesterov_momentum=-0.5)
 
 
 def test_stage_aware_variant_sets_each_stage_frequency(tiny_config):

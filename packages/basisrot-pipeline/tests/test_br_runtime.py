@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
 import pytest
+import torch
 
 from basisrot_pipeline.emulator import build_emulator
-from basisrot_pipeline.runtime import PipelineJob, checkpoint_path, run_local
+from basisrot_pipeline.runtime import AsyncPipelineWorker, PipelineJob, checkpoint_path, launch_mode, run_local
 from basisrot_pipeline.staleness import staleness_schedule
 
 STEPS = 8
@@ -52,3 +59,71 @@ def test_job_bad_inputs(tiny_config, tiny_batches, fast_optim):
         PipelineJob(model=tiny_config, optim=fast_optim(), num_stages=5, steps=4, batches=tiny_batches)
     with pytest.raises(ValueError, match="need a checkpoint_dir"):
         PipelineJob(model=tiny_config, optim=fast_optim(), num_stages=2, steps=4, batches=tiny_batches, resume_step=2)
+
+
+def test_worker_refuses_a_checkpoint_of_other_settings(tiny_config, tiny_batches, fast_optim, tmp_path):
+    job = PipelineJob(
+        model=tiny_config, optim=fast_optim(), num_stages=2, steps=6, batches=tiny_batches, checkpoint_dir=str(tmp_path)
+    )
+    AsyncPipelineWorker(job, 0, torch.device("cpu")).save_checkpoint(2)  # stage 0 needs no peer to save
+    other = replace(job, optim=fast_optim(lr=2e-2, precondition_frequency=5), steps=9)
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.01 -> 0\.02; optim\.precondition_frequency: 3 -> 5; steps"):
+        AsyncPipelineWorker(other, 0, torch.device("cpu")).load_checkpoint(2)
+    fewer_stages = replace(job, num_stages=3)
+    with pytest.raises(ValueError, match="num_stages: 2 -> 3"):
+        AsyncPipelineWorker(fewer_stages, 0, torch.device("cpu")).load_checkpoint(2)
+    AsyncPipelineWorker(job, 0, torch.device("cpu")).load_checkpoint(2)  # the same settings resume
+
+
+TORCHRUN_RANK = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "1"}
+
+
+def test_launch_mode_on_launcher_environments():
+    assert launch_mode({}) == "local"
+    assert launch_mode(TORCHRUN_RANK) == "process-group"
+    with pytest.raises(ValueError, match="MASTER_PORT are not"):
+        launch_mode({k: v for k, v in TORCHRUN_RANK.items() if k != "MASTER_PORT"})
+    with pytest.raises(ValueError, match="started under MPI"):
+        launch_mode({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
+
+
+def test_accelerate_cpu_launcher_starts_one_process_that_spawns_the_stages():
+    """``accelerate launch --cpu --num_processes 4`` runs one process, without RANK: it must spawn."""
+    pytest.importorskip("accelerate")
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    argv = ["--cpu", "--num_processes", "4", "-m", "basisrot_pipeline", "train", "--runtime", "distributed"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    command, env = prepare_simple_launcher_cmd_env(args)
+    assert command[:3] == [sys.executable, "-m", "basisrot_pipeline"]  # one plain process
+    assert "RANK" not in env and env["MASTER_ADDR"] == "127.0.0.1"
+    assert launch_mode(env) == "local"
+
+
+def test_accelerate_multi_gpu_launch_runs_one_process_per_stage(tmp_path, single_thread):
+    """The documented ``accelerate launch --multi_gpu --num_processes P`` command, on CPU (gloo)."""
+    pytest.importorskip("accelerate")
+    from basisrot_pipeline.model import ModelConfig
+    from basisrot_pipeline.train import TrainConfig, train
+
+    config_file = tmp_path / "tiny.json"
+    tiny = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    settings = dict(stages=2, steps=4, data="random", batch_size=4, eval_batches=1, checkpoint_every=0)
+    config_file.write_text(json.dumps({**settings, "model": tiny}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    train_args = ["-m", "basisrot_pipeline", "train", "--runtime", "distributed", "--config", str(config_file)]
+    result = subprocess.run(
+        [*launch, "--main_process_port", "0", *train_args, "--output-dir", str(tmp_path / "acc")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spawning one process per stage here" not in result.stderr  # accelerate started the ranks
+    record = json.loads((tmp_path / "acc" / "run.json").read_text())
+    emulated = train(TrainConfig(**settings, model=ModelConfig(**tiny)), tmp_path / "emulated")
+    assert record["metrics"]["train_losses"] == pytest.approx(emulated["train_losses"], abs=1e-5)
+    assert record["metrics"]["val_loss"] == pytest.approx(emulated["val_loss"], abs=1e-5)

@@ -12,6 +12,14 @@ import torch
 from shin_common import stdlib_corpus
 
 
+def _storage_dtype(blocks: np.ndarray) -> type:
+    largest = int(blocks.max()) if blocks.size else 0
+    for dtype in (np.uint8, np.int16, np.int32):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
 class TokenBatches:
     """Random minibatches of ``(inputs, targets)`` from token blocks of length ``block_size + 1``."""
 
@@ -20,7 +28,11 @@ class TokenBatches:
             raise ValueError(f"blocks must be a 2-D array with rows of length >= 2, got shape {blocks.shape}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
+        if blocks.size and blocks.min() < 0:
+            raise ValueError(f"token ids must be >= 0, got a minimum of {blocks.min()}")
+        # Stored in the narrowest integer type that holds the ids (uint8 for bytes): the blocks travel
+        # inside every spawned pipeline worker's arguments; batches are widened to int64 on the way out.
+        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=_storage_dtype(blocks)))
         self.batch_size = batch_size
         self.seed = seed
 
@@ -31,7 +43,7 @@ class TokenBatches:
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
         rows = torch.from_numpy(rng.integers(0, self.blocks.shape[0], size=self.batch_size))
-        chosen = self.blocks[rows]
+        chosen = self.blocks[rows].long()
         return chosen[:, :-1], chosen[:, 1:]
 
     def sequential(self, max_batches: int | None = None):
@@ -40,7 +52,7 @@ class TokenBatches:
         if max_batches is not None:
             count = min(count, max_batches)
         for b in range(count):
-            chosen = self.blocks[b * self.batch_size : (b + 1) * self.batch_size]
+            chosen = self.blocks[b * self.batch_size : (b + 1) * self.batch_size].long()
             yield chosen[:, :-1], chosen[:, 1:]
 
 

@@ -23,6 +23,8 @@ from torch.func import functional_call
 
 from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
+from basisrot_pipeline.resume import check_same_config
+from shin_common import config_to_dict
 
 
 class StalenessEmulator:
@@ -125,9 +127,19 @@ class StalenessEmulator:
         self.updates += 1
         return float(loss)
 
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to continue: delays, stashing, run length, optimizer config."""
+        return {
+            "delays": list(self.delays),
+            "weight_stashing": self.weight_stashing,
+            "total_steps": self.total_steps,
+            "optim": config_to_dict(self.optim_config),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Weights, stashed versions, the update counter and every optimizer's state (bases included)."""
         return {
+            "settings": self.settings(),
             "updates": self.updates,
             "delays": list(self.delays),
             "weight_stashing": self.weight_stashing,
@@ -137,10 +149,10 @@ class StalenessEmulator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["delays"]) != list(self.delays):
-            raise ValueError(f"checkpoint has delays {state['delays']}, this emulator {list(self.delays)}")
+        """Continue from ``state``; refuses one saved with other delays, run length or optimizer settings
+        (the optimizers' state would otherwise bring back the saved lr and refresh frequency)."""
+        check_same_config(state.get("settings"), self.settings(), where="the emulator checkpoint")
         self.updates = int(state["updates"])
-        self.weight_stashing = bool(state["weight_stashing"])
         for stage, weights in zip(self.stages, state["stages"], strict=True):
             stage.load_state_dict(weights)
         self.stash = [{int(v): dict(w) for v, w in stash.items()} for stash in state["stash"]]

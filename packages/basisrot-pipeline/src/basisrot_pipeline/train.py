@@ -13,10 +13,11 @@ import torch
 
 from basisrot_pipeline.data import TokenBatches, random_batches, stdlib_batches
 from basisrot_pipeline.emulator import build_emulator
-from basisrot_pipeline.model import ModelConfig, lm_loss
+from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig
+from basisrot_pipeline.resume import check_same_config
 from basisrot_pipeline.staleness import SCHEDULES, staleness_schedule
-from shin_common import config_to_dict, progress, seed_everything, write_run_record
+from shin_common import config_to_dict, progress, read_json, seed_everything, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,31 @@ def make_batches(config: TrainConfig) -> tuple[TokenBatches, TokenBatches, dict[
     return train, val, described
 
 
+def resume_config(config: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint or a finished record must match: all but ``checkpoint_every``,
+    which changes nothing that is trained or measured."""
+    settings = config_to_dict(config)
+    settings.pop("checkpoint_every")
+    return settings
+
+
+def finished_run(out: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The metrics of the finished run in ``out`` if there is one with this config; a different one is refused.
+
+    Both runtimes write ``run.json`` only when a run is complete, so a rerun of a finished run reports
+    it instead of training again (from scratch or from a stale checkpoint).
+    """
+    record_path = out / "run.json"
+    if not record_path.exists():
+        return None
+    record = read_json(record_path)
+    saved = dict(record.get("config") or {})
+    saved.pop("checkpoint_every", None)
+    check_same_config(saved, resume_config(config), where=f"the finished run {str(record_path)!r}")
+    logger.info("%s holds a finished run with this config; reporting it (use a new output dir to train again)", out)
+    return {**record["metrics"], "already_finished": True}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: TokenBatches, max_batches: int) -> float:
     losses = [float(lm_loss(model(x), y)) for x, y in batches.sequential(max_batches)]
@@ -97,6 +123,8 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
     """Train with the exact staleness emulator; resumes from ``output_dir/checkpoint.pt`` if present."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if (finished := finished_run(out, config)) is not None:
+        return finished
     seed_everything(config.seed)
     train_batches, val_batches, data_info = make_batches(config)
     delays = config.delays()
@@ -112,6 +140,7 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
     losses: list[float] = []
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
+        check_same_config(state.get("config"), resume_config(config), where=f"checkpoint {str(checkpoint)!r}")
         emulator.load_state_dict(state["emulator"])
         losses = state["losses"]
         logger.info("resumed from %s after %d steps", checkpoint, emulator.updates)
@@ -121,7 +150,7 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
         done = m + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"emulator": emulator.state_dict(), "losses": losses}, tmp)
+            torch.save({"emulator": emulator.state_dict(), "losses": losses, "config": resume_config(config)}, tmp)
             tmp.replace(checkpoint)
     elapsed = time.perf_counter() - start
     model.eval()
@@ -155,12 +184,23 @@ def latest_complete_checkpoint(directory: Path, num_stages: int) -> int | None:
 
 def train_distributed(config: TrainConfig, output_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Train with one process per stage (spawned here, or joined under torchrun / accelerate launch)."""
-    from basisrot_pipeline.runtime import PipelineJob, launched_by_torchrun, run_from_environment, run_local
+    from basisrot_pipeline.runtime import (
+        PipelineJob,
+        checkpoint_path,
+        final_weights_path,
+        launch_mode,
+        run_from_environment,
+        run_local,
+    )
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    mode = launch_mode()
+    reporting_rank = mode == "local" or int(os.environ["RANK"]) == config.stages - 1
+    if (finished := finished_run(out, config)) is not None:
+        return finished if reporting_rank else {}
     seed_everything(config.seed)
-    train_batches, _, data_info = make_batches(config)
+    train_batches, val_batches, data_info = make_batches(config)
     checkpoints = out / "checkpoints"
     job = PipelineJob(
         model=config.model,
@@ -174,20 +214,33 @@ def train_distributed(config: TrainConfig, output_dir: str | Path, device: str =
         checkpoint_every=config.checkpoint_every,
         resume_step=latest_complete_checkpoint(checkpoints, config.stages),
         device=device,
+        run_config=resume_config(config),
     )
+    if job.resume_step is not None:  # refuse here, before any worker starts, with the differing keys
+        saved = torch.load(checkpoint_path(checkpoints, job.resume_step, 0), map_location="cpu", weights_only=False)
+        check_same_config(saved.get("settings"), job.settings(), where=f"the checkpoint at step {job.resume_step}")
     start = time.perf_counter()
-    if launched_by_torchrun():
+    if mode == "process-group":
         losses = run_from_environment(job, out)
-        if int(os.environ["RANK"]) != config.stages - 1:
+        if not reporting_rank:
             return {}
     else:
         losses = run_local(job, out)
+    seconds = time.perf_counter() - start
+    # the validation loss of the assembled model, from the stages' final weights (all on disk by now)
+    torch.manual_seed(config.seed)
+    model = GPT(config.model)
+    for s, stage in enumerate(partition_model(model, config.stages)):
+        stage.load_state_dict(torch.load(final_weights_path(out, s), map_location="cpu", weights_only=True))
+    model.eval()
     ordered = [losses[m] for m in sorted(losses)]
     metrics = {
         "train_losses": ordered,
         "final_train_loss": sum(ordered[-10:]) / len(ordered[-10:]),
+        "val_loss": evaluate(model, val_batches, config.eval_batches),
         "delays": list(config.delays()),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
+        "num_params": sum(p.numel() for p in model.parameters()),
         "resumed_from_step": job.resume_step,
     }
     write_run_record(

@@ -217,13 +217,15 @@ class BasisRotation(torch.optim.Optimizer):
                 exp_avg.lerp_(grad, 1.0 - beta1)
                 if rotated:
                     source = exp_avg if group["source"] == "first" else grad
-                    for side, product in (("left", source @ source.T), ("right", source.T @ source)):
-                        if state[f"stat_{side}"] is None:
+                    for side in ("left", "right"):
+                        statistic = state[f"stat_{side}"]
+                        if statistic is None:  # guarded or "uni" side: its m x m product is never formed
                             continue
+                        product = source @ source.T if side == "left" else source.T @ source
                         if group["source"] == "first":
-                            state[f"stat_{side}"].copy_(product)
+                            statistic.copy_(product)
                         else:
-                            state[f"stat_{side}"].lerp_(product, 1.0 - group["shampoo_beta"])
+                            statistic.lerp_(product, 1.0 - group["shampoo_beta"])
                     self._refresh(state, step, group["precondition_frequency"])
                     grad, moment = self._rotate(grad, state), self._rotate(exp_avg, state)
                 else:

@@ -54,6 +54,11 @@ class OptimConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
+        dim = self.max_precond_dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ValueError(f"max_precond_dim must be a non-negative int (0 rotates nothing), got {dim!r}")
+        if not 0 <= self.nesterov_momentum < 1:
+            raise ValueError(f"nesterov_momentum must be in [0, 1), got {self.nesterov_momentum!r}")
         if self.lr_rescale_span < 1:
             raise ValueError(f"lr_rescale_span must be >= 1, got {self.lr_rescale_span!r}")
 

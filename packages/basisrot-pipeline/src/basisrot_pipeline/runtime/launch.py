@@ -1,17 +1,19 @@
 """Start the asynchronous pipeline: one process per stage, by torchrun/accelerate or locally.
 
-Under ``torchrun --nproc-per-node P`` (or ``accelerate launch --num_processes P``) the usual
-``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set and :func:`run_from_environment` joins
-the group. :func:`run_local` spawns P processes on this machine over gloo on 127.0.0.1 (one
+Under ``torchrun --nproc-per-node P`` (or ``accelerate launch --multi_gpu --num_processes P``,
+which runs torchrun's launcher) the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+variables are set and :func:`run_from_environment` joins the group (see :func:`launch_mode`). :func:`run_local` spawns P processes on this machine over gloo on 127.0.0.1 (one
 thread each, as oversubscribed threads make small-matrix work 30-50x slower).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from basisrot_pipeline.runtime.pipeline import AsyncPipelineWorker, PipelineJob
+
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -33,6 +37,8 @@ def _run_rank(job: PipelineJob, rank: int, device: torch.device, result_dir: Pat
     if job.resume_step is not None:
         worker.load_checkpoint(job.resume_step)
     losses = worker.run()
+    if result_dir is not None and worker.next_backward == job.steps:
+        worker.save_final_weights(result_dir)  # before the barrier: all stages are on disk after it
     dist.barrier()
     if result_dir is not None and worker.is_last:
         payload = {"losses": {str(m): v for m, v in sorted(losses.items())}, "next_backward": worker.next_backward}
@@ -98,5 +104,44 @@ def run_from_environment(job: PipelineJob, result_dir: str | os.PathLike[str] | 
         dist.destroy_process_group()
 
 
+PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def launch_mode(environ: Mapping[str, str] | None = None) -> str:
+    """``"process-group"`` when this process is one of P started by a launcher, else ``"local"``.
+
+    ``torchrun`` (``torch.distributed.run``) sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in
+    every process; so does ``accelerate launch --multi_gpu`` (it calls ``torch.distributed.run``,
+    also on a CPU-only machine). ``accelerate launch --cpu`` (and accelerate on a machine without
+    GPUs unless ``--multi_gpu`` is given) runs its "simple launcher": ONE process with only
+    MASTER_ADDR/MASTER_PORT and ACCELERATE_* variables and no RANK; that process is "local" and
+    spawns the P stage processes itself. accelerate's ``--mpirun_hostfile`` starts processes under
+    MPI, which set no RANK/WORLD_SIZE: refused, as they would otherwise each spawn a pipeline.
+    """
+    env = os.environ if environ is None else environ
+    present = [name for name in PROCESS_GROUP_VARIABLES if name in env]
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [name for name in PROCESS_GROUP_VARIABLES if name not in env]
+        if missing:
+            raise ValueError(
+                f"RANK/WORLD_SIZE are set but {', '.join(missing)} are not; launch with torchrun or "
+                "accelerate launch --multi_gpu, which set all of " + ", ".join(PROCESS_GROUP_VARIABLES)
+            )
+        return "process-group"
+    if any(name in env for name in MPI_VARIABLES):
+        raise ValueError(
+            "started under MPI (e.g. accelerate launch --mpirun_hostfile), which sets no RANK/WORLD_SIZE; "
+            "launch with torchrun, accelerate launch --multi_gpu, or a single process that spawns the stages"
+        )
+    if present and any(name.startswith("ACCELERATE_") for name in env):
+        logger.info(
+            "accelerate's single-process launcher (no RANK set): spawning one process per stage here; "
+            "use accelerate launch --multi_gpu --num_processes P to have accelerate start them"
+        )
+    return "local"
+
+
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    """Whether this process is one rank of a launcher-started group (see :func:`launch_mode`)."""
+    return launch_mode() == "process-group"

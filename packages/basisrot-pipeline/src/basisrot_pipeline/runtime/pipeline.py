@@ -31,7 +31,9 @@ from torch.func import functional_call
 from basisrot_pipeline.data import TokenBatches
 from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
+from basisrot_pipeline.resume import check_same_config
 from basisrot_pipeline.staleness import staleness_schedule
+from shin_common import config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ def message_tag(minibatch: int, kind: int) -> int:
 
 def checkpoint_path(directory: str | Path, step: int, stage: int) -> Path:
     return Path(directory) / f"step_{step:08d}" / f"stage_{stage}.pt"
+
+
+def final_weights_path(directory: str | Path, stage: int) -> Path:
+    """Where a finished run leaves stage ``stage``'s weights (for evaluating the assembled model)."""
+    return Path(directory) / "final_weights" / f"stage_{stage}.pt"
 
 
 @dataclass(kw_only=True)
@@ -62,6 +69,22 @@ class PipelineJob:
     stop_after: int | None = None
     resume_step: int | None = None
     device: str = "cpu"
+    run_config: dict[str, Any] | None = None  # the training run's config, checked on resume
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to continue (the optimizer state brings back the saved lr,
+        base lr and refresh frequency, and the cosine schedule depends on ``steps``)."""
+        return {
+            "model": config_to_dict(self.model),
+            "optim": config_to_dict(self.optim),
+            "num_stages": self.num_stages,
+            "steps": self.steps,
+            "seed": self.seed,
+            "weight_stashing": self.weight_stashing,
+            "batch_size": self.batches.batch_size,
+            "block_size": self.batches.block_size,
+            "run": self.run_config,
+        }
 
     def __post_init__(self) -> None:
         if self.num_stages > self.model.n_layer:
@@ -198,6 +221,14 @@ class AsyncPipelineWorker:
         return self.losses
 
     # -- checkpoint ----------------------------------------------------------------------------
+    def save_final_weights(self, directory: str | Path) -> Path:
+        path = final_weights_path(directory, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in self.stage.state_dict().items()}, tmp)
+        tmp.replace(path)
+        return path
+
     def save_checkpoint(self, step: int) -> Path:
         """Save after ``step`` backwards; first pull in the activation already sent to this stage."""
         if not self.is_first and self.next_forward < self.job.steps and self.pending_input is None:
@@ -215,8 +246,7 @@ class AsyncPipelineWorker:
             "next_forward": self.next_forward,
             "next_backward": self.next_backward,
             "losses": self.losses,
-            "num_stages": self.num_stages,
-            "weight_stashing": self.job.weight_stashing,
+            "settings": self.job.settings(),
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -227,8 +257,7 @@ class AsyncPipelineWorker:
     def load_checkpoint(self, step: int) -> None:
         path = checkpoint_path(self.job.checkpoint_dir, step, self.rank)
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["num_stages"] != self.num_stages:
-            raise ValueError(f"checkpoint {path} has {state['num_stages']} stages, this run {self.num_stages}")
+        check_same_config(state.get("settings"), self.job.settings(), where=f"checkpoint {str(path)!r}")
         self.stage.load_state_dict(state["stage"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stash = state["stash"]
