@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -188,8 +189,8 @@ def test_m_sharpness_chunks_equal_manual_per_chunk_computation(mlp_factory, batc
 
 
 def test_m_sharpness_updates_batchnorm_statistics_once_per_chunk_clean_pass(mlp_factory, batch_factory):
-    # Each chunk's clean pass is a training forward (as on k devices with their own BatchNorm);
-    # the perturbed passes leave the statistics alone.
+    # Each chunk's clean pass is a training forward, so the one set of buffers takes k = 3
+    # momentum updates in this step (k devices would take one each); the perturbed passes none.
     model = mlp_factory(torch.float64, batchnorm=True)
     reference = copy.deepcopy(model)
     x, y = batch_factory(12, torch.float64)
@@ -371,10 +372,127 @@ def test_grad_scaler_with_weight_decay_in_ascent_equals_unscaled(mlp_factory, ba
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_found_inf_agreement_is_local_without_distributed():
+class _DataParallelStandIn(nn.Module):
+    """What SAM looks for in a DDP model: ``no_sync()`` and ``process_group``."""
+
+    def __init__(self, module: nn.Module, process_group: object) -> None:
+        super().__init__()
+        self.module = module
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        yield
+
+
+def test_found_inf_agreement_is_local_without_distributed(mlp_factory):
     assert not torch.distributed.is_initialized()
-    assert _found_inf_on_any_rank(True) is True
-    assert _found_inf_on_any_rank(False) is False
+    ddp_like = _DataParallelStandIn(mlp_factory(), process_group=None)
+    for model in (None, ddp_like):
+        assert _found_inf_on_any_rank(True, model) is True
+        assert _found_inf_on_any_rank(False, model) is False
+
+
+@pytest.fixture
+def recorded_collectives(monkeypatch):
+    """A pretend two-rank world: records all_reduce calls; ``other_rank_overflows`` sets the flag."""
+    calls: list[dict] = []
+    world = {"other_rank_overflows": False}
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        calls.append({"device": tensor.device, "group": group, "op": op})
+        if world["other_rank_overflows"]:
+            tensor.fill_(1.0)
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    return calls, world
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+@pytest.mark.parametrize("pass_model", [False, True])
+def test_scaled_step_issues_no_collective_without_a_data_parallel_model(
+    mlp_factory, batch_factory, recorded_collectives, overflow, pass_model
+):
+    # Without no_sync() the clean pass was synchronised (or each rank runs on its own, as in a
+    # seed sweep): an all-reduce here would have no partner on the other ranks and hang.
+    calls, _ = recorded_collectives
+    x, y = batch_factory()
+    model = mlp_factory()
+    before = _params(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model if pass_model else None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y) * (float("inf") if overflow else 1.0)
+        scaler.scale(loss).backward()
+        return loss
+
+    opt.step(closure, grad_scaler=scaler)
+    scaler.update()
+    assert calls == []
+    assert (scaler.get_scale() < 2.0**10) is overflow
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True)) is overflow
+
+
+def test_scaled_step_agrees_on_overflow_over_the_models_process_group(mlp_factory, batch_factory, recorded_collectives):
+    calls, world = recorded_collectives
+    world["other_rank_overflows"] = True
+    x, y = batch_factory()
+    subgroup = object()  # DDP built on a subgroup: the flag must be reduced over it
+    model = _DataParallelStandIn(mlp_factory(), process_group=subgroup)
+    before = _params(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.step(_scaled_closure(model, x, y, scaler), grad_scaler=scaler)
+    scaler.update()
+    assert calls == [{"device": before[0].device, "group": subgroup, "op": torch.distributed.ReduceOp.MAX}]
+    # this rank's gradients were finite, yet it skips with the other rank and backs off alike
+    assert scaler.get_scale() == 2.0**9
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _scaled_closure(model, x, y, scaler):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("scope", ["all", "weights"])
+def test_checkpoint_without_adaptive_scope_keeps_the_constructor_setting(scope):
+    # Checkpoints written before adaptive_scope existed lack the key; torch's load_state_dict
+    # replaces the groups with the saved ones, so the constructor's value must be filled back in.
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    common = dict(rho=0.2, lr=0.1, momentum=0.9, adaptive=True, adaptive_scope=scope)
+    old_checkpoint = SAM(_asam_model().parameters(), torch.optim.SGD, **common).state_dict()
+    for group in old_checkpoint["param_groups"]:
+        del group["adaptive_scope"]
+
+    loaded_model, reference_model = _asam_model(), _asam_model()
+    loaded = SAM(loaded_model.parameters(), torch.optim.SGD, **common)
+    loaded.load_state_dict(old_checkpoint)
+    assert [group["adaptive_scope"] for group in loaded.param_groups] == [scope]
+    reference = SAM(reference_model.parameters(), torch.optim.SGD, **common)
+    for _ in range(2):
+        loaded.step(_closure(loaded_model, x, y))
+        reference.step(_closure(reference_model, x, y))
+    for p, q in zip(loaded_model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_param_names_of_the_wrong_length_raise_a_clear_error():
+    w, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"1 param_names for 2 params; expected one name per parameter"):
+        SAM([{"params": [w, b], "param_names": ["w"]}], torch.optim.SGD, lr=0.1)
 
 
 def _asam_model():

@@ -58,6 +58,16 @@ log = logging.getLogger(__name__)
 __all__ = ["SAM", "frozen_batchnorm_stats"]
 
 ADAPTIVE_SCOPES = ("weights", "all")
+# SAM's own per-group settings (the rest of a group belongs to the base optimizer)
+SAM_GROUP_KEYS = (
+    "rho",
+    "adaptive",
+    "adaptive_eta",
+    "adaptive_scope",
+    "unnormalized",
+    "sam_weight_decay",
+    "weight_decay_in_ascent",
+)
 
 
 @contextlib.contextmanager
@@ -96,18 +106,28 @@ def _check_base_optimizer(base_optimizer: Any) -> None:
         )
 
 
-def _found_inf_on_any_rank(found_inf: bool, device: torch.device | str = "cpu") -> bool:
-    """``found_inf`` OR-ed over all processes when ``torch.distributed`` is initialised.
+def _found_inf_on_any_rank(found_inf: bool, model: nn.Module | None) -> bool:
+    """``found_inf`` OR-ed over the ranks of ``model``'s process group, where that is needed.
 
-    The clean pass runs without gradient synchronisation, so an overflow can occur on one rank
-    only; every rank must then skip, or the others would wait forever in the perturbed pass's
-    all-reduce. ``device`` holds the flag (a CUDA device for NCCL).
+    Only a data-parallel ``model`` (one with ``no_sync()``, e.g. DDP) has its clean pass run
+    unsynchronised, so an overflow can occur on one rank only; every rank must then skip, or the
+    others would wait forever in the perturbed pass's all-reduce. Otherwise the clean pass
+    already synchronised the gradients (or each rank trains on its own, as in a seed sweep with
+    one run per rank) and no collective is issued: one here would be matched by nobody. The
+    flag is reduced over ``model.process_group`` (the default group when DDP has none) and lives
+    on the model's parameter device, which is one the backend accepts (CUDA for NCCL).
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not callable(getattr(model, "no_sync", None)):
         return found_inf
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return found_inf
+    group = getattr(model, "process_group", None)
+    if dist.get_world_size(group) < 2:
+        return found_inf
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     flag = torch.tensor([1.0 if found_inf else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item() > 0)
 
 
@@ -213,7 +233,15 @@ class SAM(torch.optim.Optimizer):
             )
 
     def _record_names(self, group: dict[str, Any]) -> None:
-        for name, p in zip(group.get("param_names", ()), group["params"], strict=False):
+        if "param_names" not in group:
+            return
+        names, params = group["param_names"], group["params"]
+        if len(names) != len(params):
+            raise ValueError(
+                f"a parameter group has {len(names)} param_names for {len(params)} params; "
+                "expected one name per parameter"
+            )
+        for name, p in zip(names, params, strict=True):
             self._param_names[p] = name
 
     def _is_asam_weight(self, p: torch.Tensor) -> bool:
@@ -228,18 +256,12 @@ class SAM(torch.optim.Optimizer):
                 if p.grad is not None:
                     yield group, p
 
-    def _add_weight_decay(self) -> None:
-        for group, p in self._params():
-            if group["sam_weight_decay"]:
-                p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
-
     @torch.no_grad()
     def _grad_scale(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
         """ASAM's ``T`` for ``p``, or None for ``T = 1``."""
         if not group["adaptive"]:
             return None
-        # groups loaded from checkpoints written before adaptive_scope existed lack the key
-        if group.get("adaptive_scope", "weights") == "weights" and not self._is_asam_weight(p):
+        if group["adaptive_scope"] == "weights" and not self._is_asam_weight(p):
             return None
         return p.abs() + group["adaptive_eta"]
 
@@ -360,7 +382,7 @@ class SAM(torch.optim.Optimizer):
         inv_scale = 1.0 / float(scaler.get_scale())
         grads = [p.grad for _, p in self._params()]
         local_inf = not all(bool(torch.isfinite(g).all()) for g in grads)
-        if _found_inf_on_any_rank(local_inf, grads[0].device if grads else "cpu"):
+        if _found_inf_on_any_rank(local_inf, self.model):
             log.info("non-finite gradient in SAM's clean pass; skipping the step")
             if not local_inf and grads:
                 # Another rank overflowed: make this rank's scaler see an inf too, so that every
@@ -390,10 +412,12 @@ class SAM(torch.optim.Optimizer):
         ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
         Sec. 4.1). Returns the weighted clean loss. (Goes through :meth:`step`, so LR schedulers
         see the step.) Each chunk's clean pass is an ordinary training forward, so with ``model=``
-        BatchNorm running statistics are updated once per chunk (from that chunk's batch
-        statistics, as ``k`` devices with their own BatchNorm would), never by the perturbed
-        passes. Under DDP (``model=`` given) the clean passes run without gradient sync and
-        the perturbed ones with it, so ``m`` is the chunk size on each device.
+        the one set of BatchNorm running statistics takes ``k`` momentum updates per step (one
+        per chunk, from that chunk's batch statistics) and the perturbed passes take none. This
+        is not what ``k`` devices do: each of their BatchNorms takes one update per step, and
+        DDP then broadcasts rank 0's buffers. Under DDP (``model=`` given) the clean passes run
+        without gradient sync and the perturbed ones with it, so ``m`` is the chunk size on
+        each device.
         """
         return self.step(closure, chunks=chunks, chunk_weights=weights)
 
@@ -440,8 +464,15 @@ class SAM(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`. torch replaces every group with the saved one, so SAM
+        settings missing from an older checkpoint (one written before ``adaptive_scope``
+        existed) are taken from this optimizer's constructor arguments, not silently changed."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
+        for group in self.param_groups:
+            for key in SAM_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])
+            self._check_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):
