@@ -194,7 +194,9 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
     (tmp_path / "distributed" / "run.json").unlink()
     with pytest.raises(SystemExit):
         main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")])
-    assert re.search(r"checkpoint at step 3 .*run\.optim\.lr: 0\.001 -> 0\.005", capsys.readouterr().err)
+    error = capsys.readouterr().err
+    assert re.search(r"checkpoint at step 3 .*optim\.lr: 0\.001 -> 0\.005", error)
+    assert len(re.findall(r"optim\.lr:", error)) == 1  # each differing key is named once
 
 
 def test_train_from_yaml_config_with_custom_schedule(tmp_path):

@@ -154,6 +154,19 @@ def test_emulator_refuses_a_checkpoint_of_other_settings(tiny_config, tiny_batch
         deeper.load_state_dict(state)
 
 
+def test_an_emulated_checkpoint_without_settings_says_how_to_continue(tmp_path, fast_optim):
+    from basisrot_pipeline.train import TrainConfig, train_emulated
+
+    model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    config = TrainConfig(model=model, optim=fast_optim(), stages=2, steps=4, data="random", batch_size=2)
+    torch.save({"emulator": {}, "losses": []}, tmp_path / "checkpoint.pt")  # as written before settings were
+    with pytest.raises(ValueError, match=r"checkpoint.pt' records no configuration .*delete it, or use a new output"):
+        train_emulated(config, tmp_path)
+    _, emulator = build_emulator(model, fast_optim(), (1, 0), total_steps=4)
+    with pytest.raises(ValueError, match=r"the emulator checkpoint records no configuration .*delete it"):
+        emulator.load_state_dict({"updates": 0})
+
+
 def test_emulator_rejects_mismatched_inputs(fast_optim):
     with pytest.raises(ValueError, match="one optimizer and one delay per stage"):
         StalenessEmulator([torch.nn.Linear(2, 2)], [], (0,), optim_config=fast_optim(), total_steps=1)

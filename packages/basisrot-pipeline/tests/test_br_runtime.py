@@ -11,9 +11,20 @@ from dataclasses import replace
 import pytest
 import torch
 
+from basisrot_pipeline.data import random_batches
 from basisrot_pipeline.emulator import build_emulator
-from basisrot_pipeline.runtime import AsyncPipelineWorker, PipelineJob, checkpoint_path, launch_mode, run_local
+from basisrot_pipeline.model import ModelConfig
+from basisrot_pipeline.resume import config_differences
+from basisrot_pipeline.runtime import (
+    AsyncPipelineWorker,
+    PipelineJob,
+    checkpoint_path,
+    checkpoint_settings_path,
+    launch_mode,
+    run_local,
+)
 from basisrot_pipeline.staleness import staleness_schedule
+from basisrot_pipeline.train import TrainConfig, resume_config, train_distributed
 
 STEPS = 8
 
@@ -69,10 +80,78 @@ def test_worker_refuses_a_checkpoint_of_other_settings(tiny_config, tiny_batches
     other = replace(job, optim=fast_optim(lr=2e-2, precondition_frequency=5), steps=9)
     with pytest.raises(ValueError, match=r"optim\.lr: 0\.01 -> 0\.02; optim\.precondition_frequency: 3 -> 5; steps"):
         AsyncPipelineWorker(other, 0, torch.device("cpu")).load_checkpoint(2)
-    fewer_stages = replace(job, num_stages=3)
+    more_stages = replace(job, num_stages=3)
     with pytest.raises(ValueError, match="num_stages: 2 -> 3"):
-        AsyncPipelineWorker(fewer_stages, 0, torch.device("cpu")).load_checkpoint(2)
+        AsyncPipelineWorker(more_stages, 0, torch.device("cpu")).load_checkpoint(2)
     AsyncPipelineWorker(job, 0, torch.device("cpu")).load_checkpoint(2)  # the same settings resume
+
+
+def test_job_settings_name_each_setting_once(tiny_config, tiny_batches, fast_optim):
+    def job_for(run: TrainConfig) -> PipelineJob:
+        return PipelineJob(
+            model=run.model,
+            optim=run.optim,
+            num_stages=run.stages,
+            steps=run.steps,
+            batches=tiny_batches,
+            seed=run.seed,
+            run_config=resume_config(run),
+        )
+
+    base = TrainConfig(model=tiny_config, optim=fast_optim(), stages=2, steps=6, data="random")
+    faster = replace(base, optim=fast_optim(lr=2e-2))
+    assert config_differences(job_for(base).settings(), job_for(faster).settings()) == ["optim.lr: 0.01 -> 0.02"]
+    other_data = replace(base, data="stdlib")
+    assert config_differences(job_for(base).settings(), job_for(other_data).settings()) == [
+        "run.data: 'random' -> 'stdlib'"
+    ]
+
+
+def test_each_checkpoint_step_has_its_settings_as_json(tiny_config, tiny_batches, fast_optim, tmp_path):
+    job = PipelineJob(
+        model=tiny_config, optim=fast_optim(), num_stages=2, steps=6, batches=tiny_batches, checkpoint_dir=str(tmp_path)
+    )
+    AsyncPipelineWorker(job, 0, torch.device("cpu")).save_checkpoint(2)
+    saved = json.loads(checkpoint_settings_path(tmp_path, 2).read_text())
+    assert saved == json.loads(json.dumps(job.settings()))
+    in_checkpoint = torch.load(checkpoint_path(tmp_path, 2, 0), weights_only=False)["settings"]
+    assert config_differences(saved, in_checkpoint) == []
+
+
+TINY_RUN = dict(stages=2, steps=6, data="random", batch_size=4, eval_batches=1, checkpoint_every=2)
+
+
+def _interrupted_run(directory, settings) -> None:
+    """A checkpoint at step 2 whose stage files cannot be loaded: the resume check must not need them."""
+    step_dir = checkpoint_settings_path(directory / "checkpoints", 2).parent
+    step_dir.mkdir(parents=True)
+    for stage in range(2):
+        (step_dir / f"stage_{stage}.pt").write_bytes(b"not a checkpoint")
+    if settings is not None:
+        (step_dir / "settings.json").write_text(json.dumps(settings))
+
+
+def test_resume_reads_the_settings_json_not_the_stage_checkpoints(tmp_path, fast_optim):
+    model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    saved = TrainConfig(**TINY_RUN, model=model, optim=fast_optim())
+    job = PipelineJob(
+        model=saved.model,
+        optim=saved.optim,
+        num_stages=2,
+        steps=saved.steps,
+        batches=random_batches(vocab_size=32, block_size=8, batch_size=4, seed=0),
+        run_config=resume_config(saved),
+    )
+    _interrupted_run(tmp_path, job.settings())
+    with pytest.raises(ValueError, match=r"checkpoint at step 2 .*\(optim\.lr: 0\.01 -> 0\.03\)"):
+        train_distributed(replace(saved, optim=fast_optim(lr=3e-2)), tmp_path)
+
+
+def test_resume_from_a_checkpoint_without_settings_says_how_to_continue(tmp_path, fast_optim):
+    model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    _interrupted_run(tmp_path, None)
+    with pytest.raises(ValueError, match=r"step_00000002'\) records no configuration .*delete it, or use a new"):
+        train_distributed(TrainConfig(**TINY_RUN, model=model, optim=fast_optim()), tmp_path)
 
 
 TORCHRUN_RANK = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "1"}
@@ -83,8 +162,49 @@ def test_launch_mode_on_launcher_environments():
     assert launch_mode(TORCHRUN_RANK) == "process-group"
     with pytest.raises(ValueError, match="MASTER_PORT are not"):
         launch_mode({k: v for k, v in TORCHRUN_RANK.items() if k != "MASTER_PORT"})
-    with pytest.raises(ValueError, match="started under MPI"):
+    with pytest.raises(ValueError, match="started under MPI as one of 2 processes"):
         launch_mode({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
+
+
+SRUN_ONE_TASK = {
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "1",
+    "SLURM_STEP_NUM_TASKS": "1",
+    "PMI_SIZE": "1",
+    "PMIX_RANK": "0",
+}
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        SRUN_ONE_TASK,
+        {"PMIX_RANK": "0"},  # srun --mpi=pmix sets the rank in every task
+        {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0"},  # mpirun -n 1
+        {"MV2_COMM_WORLD_SIZE": "1"},
+        {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"},  # an sbatch script: one process in a larger allocation
+    ],
+)
+def test_a_single_mpi_or_slurm_task_spawns_the_stages(environment):
+    assert launch_mode(environment) == "local"
+
+
+@pytest.mark.parametrize(
+    ("environment", "variable"),
+    [
+        ({**SRUN_ONE_TASK, "SLURM_STEP_NUM_TASKS": "4", "PMI_SIZE": "4"}, "PMI_SIZE=4"),
+        ({"SLURM_STEP_NUM_TASKS": "2", "PMIX_RANK": "1"}, "SLURM_STEP_NUM_TASKS=2"),
+        ({"MV2_COMM_WORLD_SIZE": "3"}, "MV2_COMM_WORLD_SIZE=3"),
+    ],
+)
+def test_several_mpi_or_slurm_tasks_are_refused(environment, variable):
+    with pytest.raises(ValueError, match=f"started under MPI as one of .*{variable}"):
+        launch_mode(environment)
+
+
+def test_a_non_integer_mpi_world_size_is_named():
+    with pytest.raises(ValueError, match="PMI_SIZE='two': expected the number of processes"):
+        launch_mode({"PMI_SIZE": "two"})
 
 
 def test_accelerate_cpu_launcher_starts_one_process_that_spawns_the_stages():

@@ -149,7 +149,15 @@ class Unions:
         ("lr='0.5'", "0.5"),
         ("lr=010", "010"),
         ("tag=null", None),
+        ("tag=NULL", None),
+        ("tag=~", None),
         ("tag='null'", "null"),
+        ("tag=#3", "#3"),  # all comment to YAML, but not spelled as null: the text, as for a str field
+        ("tag=run #3", "run #3"),
+        ("tag=", ""),  # an empty value is the empty string, as for a str field
+        ("tag=!!str 10", "10"),
+        ("label=!!str 10", "10"),  # an explicit tag decides the type
+        ("label=!!int 010", 8),
         ("tag=0x10", "0x10"),
         ("out=2024", Path("2024")),
         ("out=1_000", Path("1_000")),
@@ -161,6 +169,21 @@ def test_unions_with_str_prefer_the_other_type_only_when_spelled_plainly(overrid
     key = override.split("=", 1)[0]
     value = getattr(load_config(Unions, overrides=[override]), key)
     assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("!!str 10", "10"), ("!!str 0x10", "0x10"), ("!!int 10", "10")])
+def test_an_explicit_tag_on_a_str_override_is_not_kept_as_text(text, expected):
+    assert load_config(Train, overrides=[f"pattern={text}"]).pattern == expected
+
+
+def test_a_comment_is_not_null_for_an_optional_number():
+    @dataclass
+    class Optional:
+        count: int | None = 1
+
+    assert load_config(Optional, overrides=["count=null"]).count is None
+    with pytest.raises(ConfigError, match=r"count='#3': expected int \| None"):
+        load_config(Optional, overrides=["count=#3"])
 
 
 def test_non_str_values_from_files_and_round_trips_keep_their_type(tmp_path):

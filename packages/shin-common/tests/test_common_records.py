@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,18 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
     os.utime(tmp_path / ".other.json.abcd.tmp", (an_hour_and_more_ago, an_hour_and_more_ago))
     write_json_atomic(target, {"version": 4})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abcd.tmp", "out.json"]
+
+
+def test_atomic_writes_remove_only_their_own_stale_temporaries(tmp_path):
+    an_hour_and_more_ago = time.time() - records.STALE_TEMPORARY_SECONDS - 60
+    stale = {name: tmp_path / f".{name}.0123abcd.tmp" for name in ("a.json", "b.json", "a")}
+    for path in stale.values():
+        path.write_text("left by a killed writer")
+        os.utime(path, (an_hour_and_more_ago, an_hour_and_more_ago))
+    write_json_atomic(tmp_path / "a.json", {"v": 1})
+    assert not stale["a.json"].exists() and stale["b.json"].exists() and stale["a"].exists()
+    write_json_atomic(tmp_path / "b.json", {"v": 2})
+    assert not stale["b.json"].exists() and stale["a"].exists()  # ".a.json.*" is not a temporary of "a"
 
 
 @pytest.fixture
@@ -252,3 +265,48 @@ def test_jsonl_store_counts_a_valid_last_line_without_newline(tmp_path):
     store.append({"a": 2}, {"m": 2})
     assert [r["m"] for r in store.records()] == [1, 2]
     assert [r["m"] for r in JsonlStore(path).records()] == [1, 2]
+
+
+def _store_lines(*entries: tuple[dict, dict]) -> bytes:
+    """The bytes JsonlStore.append would write for ``(config, record)`` pairs."""
+    lines = [json.dumps({"key": record_key(cfg), "config": cfg, **rec}) + "\n" for cfg, rec in entries]
+    return "".join(lines).encode()
+
+
+def test_jsonl_store_rereads_a_file_rewritten_in_place(tmp_path):
+    path = tmp_path / "s.jsonl"
+    store = JsonlStore(path)
+    store.append({"i": 0}, {"m": 0})
+    store.append({"i": 1}, {"m": 1})
+    assert store.completed_keys() == {record_key({"i": 0}), record_key({"i": 1})}
+    inode = path.stat().st_ino
+    # same inode, same line lengths (so a newline still ends where reading stopped), other runs
+    rewritten = _store_lines(({"i": 5}, {"m": 5}), ({"i": 6}, {"m": 6}), ({"i": 7}, {"m": 7}))
+    with open(path, "r+b") as handle:
+        handle.write(rewritten)
+        handle.truncate()
+    assert path.stat().st_ino == inode
+    assert [r["config"] for r in store.records()] == [{"i": 5}, {"i": 6}, {"i": 7}]
+    assert not store.is_complete({"i": 0})
+
+
+def test_jsonl_store_rereads_a_file_recreated_under_a_reused_inode(tmp_path, monkeypatch):
+    path = tmp_path / "s.jsonl"
+    big = {"m": "x" * 5000}  # the first 4 KiB of the old and new file are the same first line
+    path.write_bytes(_store_lines(({"i": 0}, big), ({"i": 1}, {"m": 1})))
+    store = JsonlStore(path)
+    assert store.is_complete({"i": 1})
+    old = os.stat(path)
+    path.unlink()
+    path.write_bytes(_store_lines(({"i": 0}, big), ({"i": 2}, {"m": "longer than before"})))
+    real_fstat = os.fstat
+
+    def reused_inode(fd):  # the file system gave the new file the deleted one's inode
+        info = real_fstat(fd)
+        return types.SimpleNamespace(
+            st_dev=old.st_dev, st_ino=old.st_ino, st_size=info.st_size, st_mtime_ns=info.st_mtime_ns
+        )
+
+    monkeypatch.setattr(records.os, "fstat", reused_inode)
+    assert [r["config"] for r in store.records()] == [{"i": 0}, {"i": 2}]
+    assert not store.is_complete({"i": 1})

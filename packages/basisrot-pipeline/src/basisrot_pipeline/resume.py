@@ -44,7 +44,11 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 def check_same_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, where: str) -> None:
     """Raise ``ValueError`` naming every differing key if ``saved`` (from ``where``) is not ``current``."""
     if saved is None:
-        raise ValueError(f"{where} records no configuration, so it cannot be checked against this run")
+        raise ValueError(
+            f"{where} records no configuration (checkpoints of older versions do not), so it cannot be "
+            "checked against this run; delete it, or use a new output directory (--output-dir) to start "
+            "another run"
+        )
     differences = config_differences(saved, current)
     if differences:
         raise ValueError(

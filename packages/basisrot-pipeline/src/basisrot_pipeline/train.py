@@ -186,7 +186,7 @@ def train_distributed(config: TrainConfig, output_dir: str | Path, device: str =
     """Train with one process per stage (spawned here, or joined under torchrun / accelerate launch)."""
     from basisrot_pipeline.runtime import (
         PipelineJob,
-        checkpoint_path,
+        checkpoint_settings_path,
         final_weights_path,
         launch_mode,
         run_from_environment,
@@ -217,8 +217,10 @@ def train_distributed(config: TrainConfig, output_dir: str | Path, device: str =
         run_config=resume_config(config),
     )
     if job.resume_step is not None:  # refuse here, before any worker starts, with the differing keys
-        saved = torch.load(checkpoint_path(checkpoints, job.resume_step, 0), map_location="cpu", weights_only=False)
-        check_same_config(saved.get("settings"), job.settings(), where=f"the checkpoint at step {job.resume_step}")
+        settings_file = checkpoint_settings_path(checkpoints, job.resume_step)
+        saved = read_json(settings_file) if settings_file.exists() else None
+        where = f"the checkpoint at step {job.resume_step} ({str(settings_file.parent)!r})"
+        check_same_config(saved, job.settings(), where=where)  # each worker checks its own file again
     start = time.perf_counter()
     if mode == "process-group":
         losses = run_from_environment(job, out)

@@ -17,8 +17,11 @@ A ``str`` field set by an override keeps the text exactly as written: ``name=0x1
 8 and True). In a union with ``str`` such as ``str | int``, the other type is chosen only when the
 text is that value's plain spelling (``10`` is the int 10, ``010`` and ``1_000`` stay text; for
 floats any ordinary decimal such as ``0.5``, ``1.10`` or ``1e-3`` is the number) and a quoted value
-(``name='10'``) is always text. Values in YAML/JSON config files follow the file format's own typing
-(quote a value there to make it a string).
+(``name='10'``) is always text. In a union with ``None`` the value is None only when written as
+YAML's null (``null``, ``Null``, ``NULL``, ``~``): ``tag=#3``, all comment to YAML, is the text
+``"#3"``; an empty value (``tag=``) is the empty string. An explicit YAML tag decides the type
+(``name=!!str 10`` is ``"10"``). Values in YAML/JSON config files follow the file format's own
+typing (quote a value there to make it a string).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ class ConfigError(ValueError):
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 without sexagesimal integers, so an N:M pattern like ``2:4`` stays the string "2:4"."""
 
+    def compose_scalar_node(self, anchor: str | None) -> yaml.ScalarNode:
+        # Record whether the scalar had an explicit tag (``!!str 10``): its node does not say.
+        event = self.peek_event()
+        node = super().compose_scalar_node(anchor)
+        node.explicitly_tagged = event.tag not in (None, "!")
+        return node
+
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:int"]
@@ -67,14 +77,18 @@ class _Written:
 
     ``value`` is what YAML made of it, ``text`` the scalar's own characters (without quotes) and
     ``quoted`` whether it was quoted. A ``str`` field takes ``text``, so nothing is lost to YAML's
-    reading of ``0x10``, ``010`` or ``yes``; every other type takes ``value`` as before.
+    reading of ``0x10``, ``010`` or ``yes``; every other type takes ``value`` as before. A scalar
+    with an explicit tag (``!!str 10``, ``!!float 1``) is ``tagged``: it is taken as its tag made it.
     """
 
     text: str
     value: Any
     quoted: bool
+    tagged: bool = False
 
-    def __repr__(self) -> str:  # error messages show the value as YAML read it
+    def __repr__(self) -> str:  # error messages show the value as YAML read it ...
+        if self.value is None and self.text.strip() not in _YAML_NULLS:
+            return repr(self.text)  # ... or the text where YAML read only a comment (``#3``)
         return repr(self.value)
 
 
@@ -91,7 +105,9 @@ def _plain(value: Any) -> Any:
 
 def _from_node(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     if isinstance(node, yaml.ScalarNode):
-        return _Written(node.value, loader.construct_object(node, deep=True), quoted=node.style is not None)
+        value = loader.construct_object(node, deep=True)
+        tagged = getattr(node, "explicitly_tagged", False)
+        return _Written(node.value, value, quoted=node.style is not None, tagged=tagged)
     if isinstance(node, yaml.SequenceNode):
         return [_from_node(loader, child) for child in node.value]
     if isinstance(node, yaml.MappingNode):
@@ -111,6 +127,7 @@ def _yaml_load_keeping_text(text: str) -> Any:
         loader.dispose()
 
 
+_YAML_NULLS = frozenset({"null", "Null", "NULL", "~", ""})  # YAML 1.1's spellings of null
 _PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 _PLAIN_FLOAT = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
@@ -131,12 +148,14 @@ def _coerce_written(key: str, written: _Written, tp: Any) -> Any:
     """:func:`_coerce` for an override scalar: ``str`` fields get the text exactly as written."""
     if tp is Any:
         return written.value
+    if written.tagged:
+        return _coerce(key, written.value, tp)
     if tp is str:
         return written.text
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if written.value is None and not written.quoted and type(None) in args:
-            return None
+        if written.text.strip() in _YAML_NULLS and not written.quoted and type(None) in args:
+            return None  # ``null`` or ``~``; not a value YAML dropped as a comment (``tag=#3``)
         options = [option for option in args if option is not type(None)]
         if str in options:
             if written.quoted:
@@ -313,7 +332,7 @@ def _parse_overrides_keeping_text(overrides: Iterable[str]) -> dict[str, Any]:
             value = _yaml_load_keeping_text(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        if value is None or (isinstance(value, _Written) and not value.quoted):
+        if value is None or (isinstance(value, _Written) and not value.quoted and not value.tagged):
             # A lone unquoted scalar: a str field gets the whole text, including what YAML would
             # drop as a comment (``tag=run #3``, ``tag=#3``).
             value = _Written(raw.strip(), getattr(value, "value", None), quoted=False)

@@ -12,11 +12,13 @@ import copy
 import dataclasses
 import datetime as _dt
 import enum
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import secrets
 import socket
 import stat
@@ -181,22 +183,24 @@ def _create_temporary(target: Path) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file next to {str(target)!r}")
 
 
+_TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")  # as _create_temporary names them
+
+
 def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporary files of ``target`` left by killed writers (old enough not to be in use)."""
+    """Delete temporary files of ``target`` left by killed writers (old enough not to be in use).
+
+    Only names of the exact form :func:`_create_temporary` gives ``target`` count, so writing ``a``
+    never touches the temporaries of ``a.json``.
+    """
     cutoff = time.time() - STALE_TEMPORARY_SECONDS
-    prefix = f".{target.name}."
-    try:
-        entries = list(os.scandir(target.parent))
-    except OSError:
-        return
-    for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                os.unlink(entry.path)
-        except OSError:
-            continue  # another process removed or replaced it meanwhile
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(target.parent):
+            match = _TEMPORARY_NAME.fullmatch(entry.name)
+            if match is None or match["target"] != target.name:
+                continue
+            with contextlib.suppress(OSError):  # another process removed or replaced it meanwhile
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
 
 
 def write_run_record(
@@ -230,6 +234,13 @@ def record_key(config: Mapping[str, Any] | Any) -> str:
     return json.dumps(_jsonable(config, keep_non_finite=True), sort_keys=True, separators=(",", ":"))
 
 
+HEAD_BYTES = 4096  # how much of the start of a JsonlStore file is compared to notice a rewrite
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 class JsonlStore:
     """Append-only JSON-lines store of finished runs in a sweep.
 
@@ -240,8 +251,11 @@ class JsonlStore:
 
     The store keeps what it has read in memory and reads only what was added to the file since
     (by this or another process), so ``is_complete`` over a sweep of N runs costs O(N) in all, not
-    O(N^2). A file that was replaced or shrunk is read again from the start; :meth:`reload` forces
-    that.
+    O(N^2). The file is read again from the start when it was replaced (another inode), shrunk, or
+    rewritten: its first 4 KiB no longer match what was read, or the byte before the position
+    reached is not the newline that ended the last line read (this also catches a file deleted and
+    recreated under a reused inode). A rewrite that keeps both goes unnoticed; :meth:`reload`
+    forces a full reread.
 
     >>> store = JsonlStore("sweep.jsonl")                        # doctest: +SKIP
     >>> for cfg in grid:                                          # doctest: +SKIP
@@ -263,6 +277,7 @@ class JsonlStore:
         self._offset = 0  # bytes of the file consumed: always the end of a complete line
         self._lines_read = 0
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file read
+        self._head: tuple[int, bytes] | None = None  # (length, digest) of the file's first bytes read
         self._seen: tuple[int, int] | None = None  # (size, mtime_ns) when last read
         self._tail: dict[str, Any] | None = None  # a valid last line that lacks its newline
 
@@ -280,14 +295,18 @@ class JsonlStore:
         with handle:
             info = os.fstat(handle.fileno())
             identity, seen = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
-            if identity != self._identity or info.st_size < self._offset:
-                self._forget()  # replaced, truncated or never read: start over
+            if identity != self._identity or info.st_size < self._offset or not self._same_start(handle):
+                self._forget()  # replaced, truncated, rewritten or never read: start over
             elif seen == self._seen:
                 return
             self._identity = identity
             handle.seek(self._offset)
             data = handle.read()
-        end = data.rfind(b"\n") + 1  # only newline-terminated lines are final
+            end = data.rfind(b"\n") + 1  # only newline-terminated lines are final
+            head_length = min(self._offset + end, HEAD_BYTES)
+            if self._head is None or self._head[0] < head_length:
+                handle.seek(0)
+                self._head = (head_length, _digest(handle.read(head_length)))
         for raw in data[:end].split(b"\n")[:-1]:
             self._lines_read += 1
             entry = self._parse(raw, self._lines_read)
@@ -298,6 +317,17 @@ class JsonlStore:
         self._seen = seen
         tail = data[end:]
         self._tail = self._parse(tail, self._lines_read + 1) if tail.strip() else None
+
+    def _same_start(self, handle: Any) -> bool:
+        """Whether the open file still begins as read and has a line end where reading stopped."""
+        if self._offset == 0 or self._head is None:
+            return True
+        length, digest = self._head
+        handle.seek(0)
+        if _digest(handle.read(length)) != digest:
+            return False
+        handle.seek(self._offset - 1)
+        return handle.read(1) == b"\n"
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | None:
         if not raw.strip():

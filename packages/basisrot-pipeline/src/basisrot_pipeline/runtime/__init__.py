@@ -1,12 +1,19 @@
 """A real asynchronous pipeline (PipeDream 1F1B, no flush) on torch.distributed."""
 
 from basisrot_pipeline.runtime.launch import launch_mode, launched_by_torchrun, run_from_environment, run_local
-from basisrot_pipeline.runtime.pipeline import AsyncPipelineWorker, PipelineJob, checkpoint_path, final_weights_path
+from basisrot_pipeline.runtime.pipeline import (
+    AsyncPipelineWorker,
+    PipelineJob,
+    checkpoint_path,
+    checkpoint_settings_path,
+    final_weights_path,
+)
 
 __all__ = [
     "AsyncPipelineWorker",
     "PipelineJob",
     "checkpoint_path",
+    "checkpoint_settings_path",
     "final_weights_path",
     "launch_mode",
     "launched_by_torchrun",

@@ -105,7 +105,25 @@ def run_from_environment(job: PipelineJob, result_dir: str | os.PathLike[str] | 
 
 
 PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+# The number of processes an MPI or Slurm launcher started together (Open MPI, MPICH/Intel MPI and
+# Slurm's PMI, MVAPICH2, Slurm's srun step). Only a count above 1 means other copies of this
+# process exist: Slurm sets PMI_SIZE/PMIX_RANK in every task, also for ``srun -n 1``. The job-wide
+# SLURM_NTASKS is not used: an sbatch script that runs one process sees the allocation's count.
+MPI_WORLD_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def mpi_world_size(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """The first MPI/Slurm world-size variable in ``env`` that counts more than one process, if any."""
+    for name in MPI_WORLD_SIZE_VARIABLES:
+        if name not in env:
+            continue
+        try:
+            size = int(env[name])
+        except ValueError:
+            raise ValueError(f"{name}={env[name]!r}: expected the number of processes started (an integer)") from None
+        if size > 1:
+            return name, size
+    return None
 
 
 def launch_mode(environ: Mapping[str, str] | None = None) -> str:
@@ -116,8 +134,9 @@ def launch_mode(environ: Mapping[str, str] | None = None) -> str:
     also on a CPU-only machine). ``accelerate launch --cpu`` (and accelerate on a machine without
     GPUs unless ``--multi_gpu`` is given) runs its "simple launcher": ONE process with only
     MASTER_ADDR/MASTER_PORT and ACCELERATE_* variables and no RANK; that process is "local" and
-    spawns the P stage processes itself. accelerate's ``--mpirun_hostfile`` starts processes under
-    MPI, which set no RANK/WORLD_SIZE: refused, as they would otherwise each spawn a pipeline.
+    spawns the P stage processes itself. accelerate's ``--mpirun_hostfile`` (or ``mpirun -n P``,
+    ``srun -n P``) starts P processes under MPI, which set no RANK/WORLD_SIZE: refused, as they would
+    otherwise each spawn a pipeline. A single MPI/Slurm task (``srun -n 1``) is "local".
     """
     env = os.environ if environ is None else environ
     present = [name for name in PROCESS_GROUP_VARIABLES if name in env]
@@ -129,10 +148,12 @@ def launch_mode(environ: Mapping[str, str] | None = None) -> str:
                 "accelerate launch --multi_gpu, which set all of " + ", ".join(PROCESS_GROUP_VARIABLES)
             )
         return "process-group"
-    if any(name in env for name in MPI_VARIABLES):
+    if (started := mpi_world_size(env)) is not None:
+        name, size = started
         raise ValueError(
-            "started under MPI (e.g. accelerate launch --mpirun_hostfile), which sets no RANK/WORLD_SIZE; "
-            "launch with torchrun, accelerate launch --multi_gpu, or a single process that spawns the stages"
+            f"started under MPI as one of {size} processes ({name}={size}; e.g. accelerate launch "
+            "--mpirun_hostfile or srun -n P), which sets no RANK/WORLD_SIZE; launch with torchrun, "
+            "accelerate launch --multi_gpu, or a single process that spawns the stages"
         )
     if present and any(name.startswith("ACCELERATE_") for name in env):
         logger.info(

@@ -33,7 +33,7 @@ from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
 from basisrot_pipeline.resume import check_same_config
 from basisrot_pipeline.staleness import staleness_schedule
-from shin_common import config_to_dict
+from shin_common import config_to_dict, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,18 @@ def checkpoint_path(directory: str | Path, step: int, stage: int) -> Path:
     return Path(directory) / f"step_{step:08d}" / f"stage_{stage}.pt"
 
 
+def checkpoint_settings_path(directory: str | Path, step: int) -> Path:
+    """The settings of the checkpoint at ``step`` as JSON, readable without loading any stage."""
+    return Path(directory) / f"step_{step:08d}" / "settings.json"
+
+
 def final_weights_path(directory: str | Path, stage: int) -> Path:
     """Where a finished run leaves stage ``stage``'s weights (for evaluating the assembled model)."""
     return Path(directory) / "final_weights" / f"stage_{stage}.pt"
+
+
+# keys of a training run's config that PipelineJob fields hold too (``stages`` as ``num_stages``)
+RUN_KEYS_COVERED_BY_JOB = frozenset({"model", "optim", "stages", "steps", "seed", "weight_stashing", "batch_size"})
 
 
 @dataclass(kw_only=True)
@@ -73,7 +82,12 @@ class PipelineJob:
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to continue (the optimizer state brings back the saved lr,
-        base lr and refresh frequency, and the cosine schedule depends on ``steps``)."""
+        base lr and refresh frequency, and the cosine schedule depends on ``steps``).
+
+        ``run`` holds the keys of ``run_config`` that the job's own fields do not already cover
+        (data, schedule, ...), so each setting appears, and a difference is reported, once.
+        """
+        run = {k: v for k, v in (self.run_config or {}).items() if k not in RUN_KEYS_COVERED_BY_JOB}
         return {
             "model": config_to_dict(self.model),
             "optim": config_to_dict(self.optim),
@@ -83,7 +97,7 @@ class PipelineJob:
             "weight_stashing": self.weight_stashing,
             "batch_size": self.batches.batch_size,
             "block_size": self.batches.block_size,
-            "run": self.run_config,
+            "run": run,
         }
 
     def __post_init__(self) -> None:
@@ -248,6 +262,8 @@ class AsyncPipelineWorker:
             "losses": self.losses,
             "settings": self.job.settings(),
         }
+        if self.is_first:  # before stage 0's file, so every complete checkpoint has its settings
+            write_json_atomic(checkpoint_settings_path(self.job.checkpoint_dir, step), state["settings"])
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)
