@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from doc_sections import replace_section
 
 from basisrot_pipeline.emulator import build_emulator
 from basisrot_pipeline.train import TrainConfig, make_batches
 from shin_common import JsonlStore, load_config, write_run_record
 
 OPTIMIZERS = ("adamw", "basis-rotation")
-BEGIN, END = "<!-- br_staleness_sweep: begin -->", "<!-- br_staleness_sweep: end -->"
 
 
 def config_for(optimizer: str, stages: int, steps: int) -> TrainConfig:
@@ -148,15 +148,7 @@ def main() -> None:
         "",
     ]
     # only this script's section is replaced; other sections of the file (e.g. br_optimizer_step's) stay
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    section = "\n".join([BEGIN, *lines[2:], END])
-    text = out.read_text() if out.exists() else "# basisrot-pipeline benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
+    replace_section(args.out, "br_staleness_sweep", lines[2:])
     write_run_record(
         Path(args.store).with_suffix(".run.json"),
         config=vars(args),

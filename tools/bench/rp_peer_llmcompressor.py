@@ -151,9 +151,9 @@ def run_ours(peer_python: str) -> None:
         lines.append(
             f"| {r['tool']} | {r['setting']} | {r['seconds']:.2f} | {ratio} | {r['perplexity']:.3f} | {r['sparsity']:.3f} |"
         )
-    from rp_doc_sections import replace_section
+    from doc_sections import DOCS_BENCHMARKS, replace_section
 
-    replace_section("rp_peer_llmcompressor", lines)
+    replace_section(DOCS_BENCHMARKS / "recon-prune.md", "rp_peer_llmcompressor", lines)
     print("\n".join(lines))
 
 

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from rp_doc_sections import replace_section
+from doc_sections import DOCS_BENCHMARKS, replace_section
 
 from recon_prune import PruneConfig, build_calibration, prune
 from recon_prune.sparsegpt import SparseGPT
@@ -79,7 +79,7 @@ def main() -> None:
         "|---|---|",
         *[f"| {r['reconstruction']} | {r['seconds']:.2f} |" for r in rows],
     ]
-    replace_section("rp_sparsegpt_speed", lines)
+    replace_section(DOCS_BENCHMARKS / "recon-prune.md", "rp_sparsegpt_speed", lines)
     print("\n".join(lines))
 
 

@@ -93,7 +93,11 @@ def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
         (["--sparsity", "1.5"], r"sparsity must lie in \[0, 1\)"),
         (["--pattern", "4:2"], "0 < N < M"),
         (["--pattern", "two:four"], "malformed"),
-        (["--seq-len", "65"], "exceeds the model's context of 64"),
+        (
+            ["--seq-len", "65"],
+            r"seq_len 65 \(--seq-len, or seq_len in --config/--set\) exceeds the model's context of 64",
+        ),
+        (["--set", "seq_len=65"], r"seq_len 65 \(--seq-len, or seq_len in --config/--set\) exceeds"),
         (["--device", "gpu"], "device='gpu' is not a device"),
         (["--offload-device", "cuda:7"], "offload_device='cuda:7' but"),
         (["--eval", "stdlib", "--eval-seq-len", "65"], "--eval-seq-len 65 exceeds the model's context of 64"),
@@ -270,3 +274,10 @@ def test_cli_defaults_follow_the_recorded_pretraining_window(model_dir, tmp_path
     assert results["config"]["seq_len"] == 24 and results["metrics"]["dense"]["seq_len"] == 24
     assert main(["eval", "--model", str(out / "model"), "--max-chunks", "2", "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["perplexity"]["seq_len"] == 24
+
+
+def test_cli_warns_once_that_lr_without_sparsegpt_changes_nothing(model_dir, tmp_path, capsys) -> None:
+    """The CLI rebuilds the config with the calibration's shape; the warning must still come once."""
+    args = ["prune", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--eval", "none", *SMALL]
+    assert main([*args, "--method", "wanda", "--reconstruction", "lr", "--set", "device=cpu"]) == 0
+    assert capsys.readouterr().err.count("equals reconstruction='none'") == 1

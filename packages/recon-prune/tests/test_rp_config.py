@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+import torch
+from rp_models import make_model
+
+from recon_prune import prune
 from recon_prune.config import PruneConfig, parse_pattern
 
 
@@ -90,11 +95,16 @@ def test_cuda_device_must_exist() -> None:
 
 
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
-def test_lr_without_sparsegpt_warns_that_it_changes_nothing(method: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="recon_prune.config"):
-        PruneConfig(method=method, reconstruction="lr")
-    assert any("equals reconstruction='none'" in r.getMessage() and method in r.getMessage() for r in caplog.records)
+def test_lr_without_sparsegpt_warns_once_that_it_changes_nothing(
+    method: str, calib_ids: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    fast = {"device": "cpu", "blocksize": 16}
+    with caplog.at_level("WARNING", logger="recon_prune"):
+        config = dataclasses.replace(PruneConfig(method=method, reconstruction="lr", **fast), seq_len=16)
+        prune(make_model("llama"), calib_ids, config)
+    warnings = [r.getMessage() for r in caplog.records if "equals reconstruction='none'" in r.getMessage()]
+    assert len(warnings) == 1 and repr(method) in warnings[0]  # building and copying the config says nothing
     caplog.clear()
-    with caplog.at_level("WARNING", logger="recon_prune.config"):
-        PruneConfig(method="sparsegpt", reconstruction="lr")
-    assert not caplog.records
+    with caplog.at_level("WARNING", logger="recon_prune"):
+        prune(make_model("llama"), calib_ids, PruneConfig(method="sparsegpt", reconstruction="lr", **fast))
+    assert not [r for r in caplog.records if "equals reconstruction='none'" in r.getMessage()]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,7 +272,8 @@ def test_checkpoint_of_other_weights_of_the_same_architecture_is_refused(calib_i
 def test_finished_blocks_return_to_the_device_they_started_on(
     reconstruction: str, calib_ids: torch.Tensor, monkeypatch
 ) -> None:
-    """``cpu:0`` as the offload device is a distinct device value, so a block parked there is visible."""
+    """Home ``cpu``, compute ``cpu:1`` and offload ``cpu:0`` are distinct device values (torch runs all
+    three on the CPU), so a block left on either the compute or the offload device is visible."""
     model = make_model("llama", layers=3)
     blocks = list(find_decoder_blocks(model)[1])
     last_target: dict[int, torch.device] = {}
@@ -283,7 +286,9 @@ def test_finished_blocks_return_to_the_device_they_started_on(
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
-    config = PruneConfig(method="wanda", reconstruction=reconstruction, offload_device="cpu:0", **FAST)
+    config = PruneConfig(
+        method="wanda", reconstruction=reconstruction, offload_device="cpu:0", **(FAST | {"device": "cpu:1"})
+    )
     prune(model, calib_ids, config)
     monkeypatch.setattr(torch.nn.Module, "to", real_to)
     assert [last_target[id(b)] for b in blocks] == [torch.device("cpu")] * 3
@@ -318,3 +323,72 @@ def test_config_calibration_shape_is_checked_and_the_actual_shape_recorded(calib
     assert (report.config["nsamples"], report.config["seq_len"]) == (8, 16)
     report = prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="none", nsamples=8, seq_len=16, **FAST))
     assert (report.config["nsamples"], report.config["seq_len"]) == (8, 16)
+
+
+def test_checkpoint_deletes_only_its_own_files(calib_ids: torch.Tensor, tmp_path) -> None:
+    """A user's files in --checkpoint-dir survive, a killed save's temporary file does not."""
+    foreign = {"my_model.pt": b"user weights", "block_0000.pt": b"older layout", "notes.step0001.pt": b"x"}
+    for name, content in foreign.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / ".block_0000.step0009.pt.tmp").write_bytes(b"half-written")
+    prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="br", **FAST), checkpoint_dir=tmp_path)
+    for name, content in foreign.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    state = json.loads((tmp_path / "state.json").read_text())
+    owned = {*state["block_files"].values(), state["buffers_file"]}
+    assert {p.name for p in tmp_path.iterdir()} == {*foreign, *owned, "state.json"}
+
+
+@pytest.mark.parametrize("reconstruction", ["br+gp+cr", "br+cr"])
+def test_rerun_of_a_finished_run_returns_the_same_model(reconstruction: str, calib_ids: torch.Tensor, tmp_path) -> None:
+    """The finished state holds no CR window; a rerun loads every block final, in the model's dtype."""
+    config = PruneConfig(method="sparsegpt", reconstruction=reconstruction, dtype="bfloat16", **FAST)
+    first = make_model("llama", layers=3)
+    first_report = prune(first, calib_ids, config, checkpoint_dir=tmp_path)
+    rerun = make_model("llama", layers=3)
+    report = prune(rerun, calib_ids, config, checkpoint_dir=tmp_path)
+    assert report.resumed_from_block == 3
+    assert {p.dtype for p in rerun.parameters()} == {torch.bfloat16}
+    _assert_same_result(first, first_report, rerun, report)
+    assert report.sparsity == first_report.sparsity
+
+
+def test_checkpoint_of_an_older_format_is_named_as_such(calib_ids: torch.Tensor, tmp_path) -> None:
+    old_state = {"fingerprint": "0" * 64, "next_block": 1, "report": {"block_errors": [0.1, None]}}
+    (tmp_path / "state.json").write_text(json.dumps(old_state))
+    with pytest.raises(ValueError, match="written by an older recon-prune"):
+        prune(make_model("llama"), calib_ids, PruneConfig(reconstruction="br", **FAST), checkpoint_dir=tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="maps file descriptors to paths through /proc")
+def test_checkpoint_files_are_fsynced_before_the_state_commits_them(
+    calib_ids: torch.Tensor, tmp_path, monkeypatch
+) -> None:
+    directory = os.path.realpath(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_commit = os.fsync, driver.write_json_atomic
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def recording_commit(path, obj, **kwargs):
+        result = real_commit(path, obj, **kwargs)
+        events.append(("commit", json.dumps(obj)))
+        return result
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(driver, "write_json_atomic", recording_commit)
+    prune(
+        make_model("llama", layers=3), calib_ids, PruneConfig(reconstruction="br+cr", **FAST), checkpoint_dir=tmp_path
+    )
+    commits = [k for k, (kind, _) in enumerate(events) if kind == "commit"]
+    assert len(commits) == 3
+    for k in commits:
+        state = json.loads(events[k][1])
+        synced = [path for kind, path in events[:k] if kind == "fsync"]
+        for name in (*state["block_files"].values(), state["buffers_file"]):
+            assert os.path.join(directory, f".{name}.tmp") in synced, name  # fsynced under its temporary name
+        last_file = max(i for i, (kind, path) in enumerate(events[:k]) if path.endswith(".pt.tmp"))
+        assert ("fsync", directory) in events[last_file:k]  # the renames are durable before the commit
+        assert next(path for kind, path in events[k + 1 :] if kind == "fsync") == directory  # and the commit

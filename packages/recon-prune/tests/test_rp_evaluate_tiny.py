@@ -91,10 +91,17 @@ def test_default_evaluation_protocol() -> None:
     assert default_eval_chunks("c4") == 256 and default_eval_chunks("stdlib") == 64
     model = make_model("llama")  # context 64
     assert default_eval_seq_len(model) == 64
-    model.config.max_position_embeddings = 131072  # Llama-3.1-like context: the paper's 2048, not 128k
+    # the model's context, as Wanda's seqlen = max_position_embeddings: OPT 2048, LLaMA-2 4096
+    model.config.max_position_embeddings = 2048
     assert default_eval_seq_len(model) == 2048
-    model.config.train_seq_len = 256
+    model.config.max_position_embeddings = 4096
+    assert default_eval_seq_len(model) == 4096
+    model.config.max_position_embeddings = 131072  # Llama-3.1-like context: capped at LLaMA-2's 4096
+    assert default_eval_seq_len(model) == 4096
+    model.config.train_seq_len = 256  # a recorded pretraining window wins
     assert default_eval_seq_len(model) == 256
+    model.config.max_position_embeddings = 128  # ... but never beyond the context
+    assert default_eval_seq_len(model) == 128
 
 
 def test_recipe_keys_the_cache_and_the_window_is_recorded(tmp_path, monkeypatch) -> None:

@@ -35,8 +35,8 @@ _CHUNKS_HELP = (
     "SparseGPT/Wanda, 64 of the stdlib test split)"
 )
 _EVAL_SEQ_HELP = (
-    "perplexity chunk length in tokens (default: the model's recorded pretraining window, else 2048 capped by "
-    "its context)"
+    "perplexity chunk length in tokens (default: the model's recorded pretraining window, else its context "
+    "length capped at 4096)"
 )
 
 
@@ -193,7 +193,10 @@ def _calibration_seq_len(model: Any, config: PruneConfig) -> int:
     limit = max_positions(model)
     if config.seq_len is not None:
         if limit is not None and config.seq_len > limit:
-            raise ValueError(f"--seq-len {config.seq_len} exceeds the model's context of {limit} positions")
+            raise ValueError(
+                f"seq_len {config.seq_len} (--seq-len, or seq_len in --config/--set) exceeds the model's context "
+                f"of {limit} positions"
+            )
         return config.seq_len
     caps = [c for c in (trained_seq_len(model), limit) if c is not None]
     seq_len = min([config.resolved_seq_len(), *caps])

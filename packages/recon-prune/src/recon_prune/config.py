@@ -9,11 +9,8 @@ samples of 1024 tokens. That is the ``"paper"`` preset; ``"cpu"`` scales it to a
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 RECONSTRUCTIONS = ("none", "lr", "br", "br+gp", "br+cr", "br+gp+cr")
@@ -175,14 +172,6 @@ class PruneConfig:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
         self.reconstruction = normalize_reconstruction(self.reconstruction)
-        if self.reconstruction == "lr" and self.method != "sparsegpt":
-            # The spec's LR is SparseGPT's closed-form OBS update; magnitude and Wanda have none, so say so
-            # rather than let a user believe a reconstruction ran.
-            logger.warning(
-                "reconstruction='lr' is SparseGPT's weight update; method=%r has none, so the result equals "
-                "reconstruction='none' (use 'br' or a GP/CR variant to reconstruct)",
-                self.method,
-            )
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -222,6 +211,11 @@ class PruneConfig:
     @property
     def uses_cr(self) -> bool:
         return "cr" in self.reconstruction
+
+    @property
+    def reconstruction_is_a_no_op(self) -> bool:
+        """``lr`` is SparseGPT's closed-form OBS update (the spec's LR); magnitude and Wanda have none."""
+        return self.reconstruction == "lr" and self.method != "sparsegpt"
 
     @property
     def uses_obs_update(self) -> bool:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -225,18 +226,38 @@ class _Checkpoint:
     part of the name), and only then replaces ``state.json``, which lists the files it owns. A kill
     at any point therefore leaves either the previous state (whose files are untouched) or the new
     one; :meth:`load` reads only the files the state lists, and files of an unfinished step or of
-    superseded states are deleted after the next commit.
+    superseded states are deleted after the next commit. Only names of the checkpoint's own patterns
+    (:data:`OWN_FILE`) are ever deleted, so other files in the directory are safe.
+
+    Every file is fsynced before ``state.json`` names it and the directory is fsynced after each
+    rename, so after a power loss the committed state never refers to a truncated or missing file.
     """
+
+    # block_<index>.step<step>.pt and buffers.step<step>.pt, and their temporaries of a killed save
+    OWN_FILE = re.compile(r"^(?P<tmp>\.)?(?:block_\d+|buffers)\.step\d+\.pt(?(tmp)\.tmp)$")
 
     def __init__(self, directory: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(directory)
         self.fingerprint = fingerprint
         self.block_files: dict[int, str] = {}
 
+    def _fsync_dir(self) -> None:
+        """Make the renames in the directory durable (POSIX; Windows cannot open a directory)."""
+        if os.name == "nt":
+            return
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _save(self, name: str, obj: Any) -> None:
         target = self.dir / name
         tmp = target.with_name(f".{target.name}.tmp")
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
 
     def load(self) -> dict[str, Any] | None:
@@ -244,15 +265,16 @@ class _Checkpoint:
         if not state_file.is_file():
             return None
         state = read_json(state_file)
-        if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
-                f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model weights, "
-                "calibration or config); use a new directory or delete it"
-            )
+        # The format first: an older checkpoint's fingerprint never matches (it lacks the weights digest).
         if "block_files" not in state or "buffers_file" not in state:
             raise ValueError(
                 f"checkpoint directory {str(self.dir)!r} was written by an older recon-prune whose checkpoints "
                 "are not crash-safe; delete it and rerun"
+            )
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model weights, "
+                "calibration or config); use a new directory or delete it"
             )
         self.block_files = {int(index): name for index, name in state["block_files"].items()}
         state["buffers"] = torch.load(self.dir / state["buffers_file"], weights_only=True)
@@ -273,6 +295,7 @@ class _Checkpoint:
             self._save(files[index], state)
         buffers_file = f"buffers.step{next_block:04d}.pt"
         self._save(buffers_file, buffers)
+        self._fsync_dir()  # the renamed files are on disk before the state that names them
         write_json_atomic(
             self.dir / "state.json",
             {
@@ -283,10 +306,11 @@ class _Checkpoint:
                 "report": report,
             },
         )
+        self._fsync_dir()  # the commit itself survives a power loss
         self.block_files = files
-        owned = {*files.values(), buffers_file, "state.json"}
-        for old in self.dir.glob("*.pt"):
-            if old.name not in owned:
+        owned = {*files.values(), buffers_file}
+        for old in self.dir.iterdir():
+            if self.OWN_FILE.match(old.name) and old.name not in owned:
                 old.unlink(missing_ok=True)
 
 
@@ -362,8 +386,10 @@ def _restore(
 ) -> tuple[torch.Tensor, torch.Tensor, _Window]:
     """Load finished blocks, masks, buffers and the running report from a checkpoint."""
     start = saved["next_block"]
+    # CR leaves block start-1 provisional, unless the run had finished: then every block is final.
+    has_window = config.uses_cr and 0 < start < len(blocks)
     for index, state in saved["block_states"].items():
-        if config.uses_cr and index == start - 1:  # the provisional block is kept in float32
+        if has_window and index == start - 1:  # the provisional block is kept in float32
             blocks[index].to(torch.float32)
         blocks[index].load_state_dict(state["weights"])
         report.masks.update(state["masks"])
@@ -372,7 +398,7 @@ def _restore(
         setattr(report, key, saved["report"][key])
     report.resumed_from_block = start
     window = _Window()
-    if config.uses_cr and start > 0:
+    if has_window:
         block = blocks[start - 1].to(offload, torch.float32)
         dense = None
         if "prev_dense_state" in buffers:
@@ -408,6 +434,14 @@ def prune(
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
     data = as_calibration(calibration)
     path, blocks = check_model_and_calibration(model, data, config)
+    if config.reconstruction_is_a_no_op:
+        # Said once per run, here rather than when the config is built (copies of a config rebuild it),
+        # so that a user does not believe a reconstruction ran.
+        log.warning(
+            "reconstruction='lr' is SparseGPT's weight update; method=%r has none, so the result equals "
+            "reconstruction='none' (use 'br' or a GP/CR variant to reconstruct)",
+            config.method,
+        )
     started = time.perf_counter()
     device = resolve_device(config.device)
     offload = torch.device(config.offload_device)

@@ -8,9 +8,10 @@ chunk count are recorded with every number.
 
 Defaults (:func:`default_eval_chunks`, :func:`default_eval_seq_len`): the whole wikitext2 test set
 and the first 256 chunks of C4, as in SparseGPT (Frantar & Alistarh 2023) and Wanda (Sun et al.
-2024); chunks of 2048 tokens (their LLaMA/OPT setting) capped by the model's context, or the window
-a model was pretrained on when its config records one (``train_seq_len``, set by ``stdlib-tiny``);
-64 chunks of the offline stdlib test split, which is only a quick check.
+2024); chunks of the model's context length (Wanda's ``seqlen = config.max_position_embeddings``:
+2048 for OPT, 4096 for LLaMA-2), capped at 4096 so a 128k-context model is not scored on 128k-token
+chunks, or the window a model was pretrained on when its config records one (``train_seq_len``, set
+by ``stdlib-tiny``); 64 chunks of the offline stdlib test split, which is only a quick check.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-PAPER_EVAL_SEQ_LEN = 2048
+# Longest default chunk: LLaMA-2's context, the longest the papers evaluate at (Wanda, Shin et al.).
+MAX_DEFAULT_EVAL_SEQ_LEN = 4096
+# Chunk length for a model whose config records no context (the OPT/LLaMA-1 context).
+FALLBACK_EVAL_SEQ_LEN = 2048
 # Chunks scored when none are asked for; a source not listed is scored in full (wikitext2, files).
 DEFAULT_EVAL_CHUNKS = {"stdlib": 64, "c4": 256}
 
@@ -42,12 +46,16 @@ def trained_seq_len(model: nn.Module) -> int | None:
 
 
 def default_eval_seq_len(model: nn.Module) -> int:
-    """Chunk length for perplexity: the recorded pretraining window, else 2048 capped by the context."""
+    """Chunk length for perplexity: the recorded pretraining window, else the model's context length
+    (Wanda, Sun et al. 2024: ``seqlen = model.config.max_position_embeddings``) capped at 4096;
+    2048 when the config records no context."""
     from recon_prune.driver import max_positions
 
     limit = max_positions(model)
-    wanted = trained_seq_len(model) or PAPER_EVAL_SEQ_LEN
-    return min(wanted, limit) if limit is not None else wanted
+    trained = trained_seq_len(model)
+    if trained is not None:
+        return min(trained, limit) if limit is not None else trained
+    return min(limit, MAX_DEFAULT_EVAL_SEQ_LEN) if limit is not None else FALLBACK_EVAL_SEQ_LEN
 
 
 @torch.no_grad()
