@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 
-from cbm_intervene.cli import main
+from cbm_intervene.cli import file_sha256, main
 from cbm_intervene.data import save_predictions
 from cbm_intervene.models import TargetModelSpec
 
@@ -108,3 +109,9 @@ def test_demo_quick(tmp_path):
     for level in ("I+S", "G+S", "I+B", "G+B"):
         assert set(record["metrics"]["IND"]["summary"][level]) == {"RAND", "UCP", "LCP", "CCTP", "ECTP", "EUDTP"}
     assert (tmp_path / "IND_intervention.png").is_file() and (tmp_path / "JNT" / "predictions.pt").is_file()
+
+
+def test_file_sha256_is_the_digest_of_the_whole_file(tmp_path):
+    content = bytes(range(256)) * 5000  # over one read block
+    (tmp_path / "blob").write_bytes(content)
+    assert file_sha256(tmp_path / "blob") == hashlib.sha256(content).hexdigest()

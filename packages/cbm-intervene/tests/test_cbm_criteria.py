@@ -18,6 +18,7 @@ from cbm_intervene.intervention import (
     run_intervention,
     score_concepts,
 )
+from cbm_intervene.intervention.criteria import lookahead_scores
 
 
 def context(predictions, target, mode="soft", chunk_rows=65536, intervened=None):
@@ -222,3 +223,22 @@ def test_criterion_returning_wrong_shape_is_rejected(prob_predictions, target):
             score_concepts("TEST_BAD_SHAPE", context(prob_predictions, target))
     finally:
         CRITERIA.pop("TEST_BAD_SHAPE")
+
+
+def test_lookahead_combine_of_the_old_grid_layout_is_rejected(prob_predictions, target):
+    # written for base (B, M) against logp (B, K, M): on per-pair inputs it broadcasts to (P, P)
+    def kl(log_p, log_q):
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    def old_layout_combine(base, logp0, logp1, p):
+        return (1 - p) * kl(logp0, base[:, None]) + p * kl(logp1, base[:, None])
+
+    n_pairs = prob_predictions.values.numel()
+    with pytest.raises(ValueError, match=rf"combine returned \({n_pairs}, {n_pairs}\), expected \({n_pairs},\)"):
+        lookahead_scores(context(prob_predictions, target), old_layout_combine)
+
+
+def test_lookahead_combine_gets_one_row_per_pair(prob_predictions, target):
+    ctx = context(prob_predictions, target)
+    scores = lookahead_scores(ctx, lambda base, logp0, logp1, p: p)  # the pair's own p_i
+    torch.testing.assert_close(scores, ctx.probs)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from cbm_intervene.data import ConceptGroups, ConceptPredictions
-from cbm_intervene.intervention import CostModel, InterventionConfig, replacement_values, run_intervention
+from cbm_intervene.intervention import (
+    CostModel,
+    InterventionConfig,
+    TargetPredictor,
+    replacement_values,
+    run_intervention,
+)
 
 LEVELS = ["I+S", "G+S", "I+B", "G+B"]
 
@@ -151,6 +157,25 @@ def test_hard_thresholds_probabilities_at_half(prob_predictions, target):
     assert hard.error[0] == pytest.approx((predicted != prob_predictions.labels).float().mean().item())
 
 
+@pytest.mark.parametrize("kind", ["prob", "logit"])
+def test_hard_evaluation_and_lookahead_read_the_same_thresholded_bottleneck(kind, predictions_factory, target):
+    predictions = predictions_factory(kind)
+    low, high = replacement_values(predictions)
+    values = predictions.values.clone()
+    values[:, 0] = 0.25  # a logit of 0.25 is present (threshold 0), a probability of 0.25 absent
+    intervened = torch.zeros_like(values, dtype=torch.bool)
+    intervened[:, 1] = True  # a revealed concept keeps its value
+    present = values >= (0.5 if kind == "prob" else 0.0)
+    expected = torch.where(present, high, low) if kind == "logit" else present.float()
+    expected[:, 1] = values[:, 1]
+    predictor = TargetPredictor(target, kind, "hard", low, high)
+    torch.testing.assert_close(predictor.lookahead_inputs(values, intervened), expected)
+    with torch.no_grad():
+        reference = torch.log_softmax(target(expected), dim=-1)
+    torch.testing.assert_close(predictor.log_proba(values, intervened), reference)
+    torch.testing.assert_close(predictor.lookahead_log_proba(values, intervened), reference)
+
+
 def test_cost_model_counts_concepts_groups_and_forward_passes(prob_predictions, target):
     costs = CostModel(concept=2.0, group=5.0, forward_pass=0.1)
     k = prob_predictions.n_concepts
@@ -212,7 +237,7 @@ def test_bad_configurations_are_rejected(prob_predictions, logit_predictions, ta
     with pytest.raises(ValueError, match="replacement_source='train' needs reference_values"):
         run_intervention(no_reference, target, InterventionConfig())
     run_intervention(no_reference, target, InterventionConfig(replacement_source="eval", max_steps=1))
-    with pytest.raises(ValueError, match="expected \\(4,\\) class logits"):
+    with pytest.raises(ValueError, match=r"to \(2, 3\), expected a tensor of shape \(2, 4\) \(4 class logits\)"):
         run_intervention(prob_predictions, torch.nn.Linear(6, 3), InterventionConfig())
 
 
@@ -360,9 +385,28 @@ def test_group_mean_counts_only_members_that_can_be_asked(prob_predictions, targ
         **{**prob_predictions.__dict__, "values": values, "true_concepts": true, "visibility": visibility}
     )
     config = InterventionConfig(criterion="LCP", level="G+S", not_visible="skip", max_steps=1)
-    assert int(run_intervention(predictions, target, config).concept_counts[1][0]) == 2
+    curve = run_intervention(predictions, target, config)
+    assert int(curve.concept_counts[1][0]) == 2
+    # a mean over all of b's members (1/3 > 0.3) would pick b instead: a stays at 0.3 and the count is 2 too
+    torch.testing.assert_close(curve.final_values[0, :2], true[0, :2])  # group a revealed
+    torch.testing.assert_close(curve.final_values[0, 2:], values[0, 2:])  # b and c as predicted
 
 
 def test_target_model_of_wrong_width_is_named(prob_predictions):
-    with pytest.raises(ValueError, match=r"expects 5 input concepts .* but the predictions have 6 concepts"):
+    with pytest.raises(
+        ValueError, match=r"target model expects 5 inputs \(its first nn.Linear layer\), but the predictions have 6"
+    ):
         run_intervention(prob_predictions, torch.nn.Linear(5, 4), InterventionConfig())
+
+
+def test_target_model_returning_a_tuple_is_named(prob_predictions):
+    class LogitsAndInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 4)
+
+        def forward(self, c):
+            return self.linear(c), c
+
+    with pytest.raises(ValueError, match=r"target model maps \(2, 6\) inputs to a tuple, expected a tensor of shape"):
+        run_intervention(prob_predictions, LogitsAndInputs(), InterventionConfig())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +13,20 @@ from torch import nn
 
 from cbm_intervene.data import SyntheticConfig, make_synthetic
 from cbm_intervene.metrics import area_under_curve, error_at, error_rate, interventions_to_reach, mean_std, summarize
-from cbm_intervene.models import BOTTLENECK_KIND, TrainConfig, fit, load_cbm, train_cbm
+from cbm_intervene.models import (
+    BOTTLENECK_KIND,
+    ConceptBottleneckModel,
+    TargetModelSpec,
+    TrainConfig,
+    TrainedCBM,
+    check_module_widths,
+    fit,
+    load_cbm,
+    mlp,
+    mlp_sizes,
+    save_cbm,
+    train_cbm,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +118,112 @@ def test_custom_concept_and_target_modules_train_and_reload(strategy, small_data
     torch.testing.assert_close(predictions.values, trained.bottleneck(x))
 
 
+def _hand_built(concept_model: nn.Module) -> TrainedCBM:
+    torch.manual_seed(0)
+    spec = TargetModelSpec(n_concepts=12, n_classes=6)
+    model = ConceptBottleneckModel(concept_model, spec.build(), "prob").eval()
+    return TrainedCBM(model, TrainConfig(concept_hidden=(8,)), spec, {"concept": [1.0]})
+
+
+def test_hand_built_cbm_with_the_default_mlp_saves_a_loadable_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    trained = _hand_built(mlp([16, 8, 12]))
+    assert trained.concept_sizes is None
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = trained.model(x)
+    reloaded = load_cbm(save_cbm(trained, tmp_path / "cbm.pt"))
+    assert reloaded.concept_sizes == [16, 8, 12]
+    with torch.no_grad():
+        for got, want in zip(reloaded.model(x), expected, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "concept_model",
+    [
+        nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 12)),  # not ReLU
+        nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 12)),  # other keys
+        nn.Sequential(nn.Linear(16, 12, bias=False)),
+        ConvConcepts(16, 12),
+    ],
+)
+def test_hand_built_cbm_with_another_g_needs_the_module_to_load(concept_model, tmp_path):
+    assert mlp_sizes(concept_model) is None
+    path = save_cbm(_hand_built(concept_model), tmp_path / "cbm.pt")
+    with pytest.raises(ValueError, match="custom concept model"):
+        load_cbm(path)
+    load_cbm(path, concept_model=copy.deepcopy(concept_model))
+
+
+def test_first_format_checkpoint_still_loads(tmp_path):
+    """The 0.1.0 layout: one state_dict of the whole CBM, MLP sizes and a target spec."""
+    trained = _hand_built(mlp([16, 8, 12]))
+    torch.save(
+        {
+            "config": asdict(trained.config),
+            "target_spec": asdict(trained.target_spec),
+            "concept_sizes": [16, 8, 12],
+            "kind": "prob",
+            "state_dict": trained.model.state_dict(),
+            "history": trained.history,
+        },
+        tmp_path / "old.pt",
+    )
+    reloaded = load_cbm(tmp_path / "old.pt")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(x)[1], trained.model(x)[1])
+    assert reloaded.history == trained.history and reloaded.config == trained.config
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
+    # load_cbm unpickles only tensors and plain containers (weights_only=True)
+    torch.save({"config": TrainConfig()}, tmp_path / "pickled.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_cbm(tmp_path / "pickled.pt")
+
+
 def test_custom_modules_of_wrong_width_are_rejected(small_data):
-    with pytest.raises(ValueError, match=r"concept_model maps \(2, 16\) inputs to \(2, 10\), expected \(2, 12\)"):
+    with pytest.raises(
+        ValueError, match=r"concept_model maps \(2, 16\) inputs to \(2, 10\), expected a tensor of shape \(2, 12\)"
+    ):
         train_cbm(small_data, TrainConfig(max_epochs=1), concept_model=ConvConcepts(16, 10))
-    with pytest.raises(ValueError, match="target_model cannot read inputs of width 12"):
+    with pytest.raises(
+        ValueError, match=r"target_model expects 8 inputs \(its first nn.Linear layer\), but the data set has 12"
+    ):
         train_cbm(small_data, TrainConfig(max_epochs=1), target_model=TwoLayerTarget(8, 6))
+
+
+class TupleTarget(nn.Module):
+    """Returns (logits, hidden) -- not the class-logit tensor the package expects of f."""
+
+    def __init__(self, n_concepts: int, n_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_concepts, n_classes)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(c), c
+
+
+def test_custom_module_returning_a_tuple_is_rejected(small_data):
+    with pytest.raises(ValueError, match=r"target_model maps \(2, 12\) inputs to a tuple, expected a tensor"):
+        train_cbm(small_data, TrainConfig(max_epochs=1), target_model=TupleTarget(12, 6))
+
+
+def test_width_check_leaves_batchnorm_statistics_and_training_flags_alone():
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    module.train()
+    module[2].eval()  # mixed flags must come back as they were
+    with torch.no_grad():
+        module[1].running_mean.fill_(0.25)
+    before = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    check_module_widths(module, "m", 3, 2, source="3 features", outputs="2 logits", probe=torch.randn(5, 3) + 7)
+    after = dict(module.named_buffers())
+    assert set(after) == set(before)
+    for name, buffer in before.items():
+        torch.testing.assert_close(after[name], buffer, msg=name)
+    assert [m.training for m in module.modules()] == [True, True, True, False, True]
 
 
 def test_fit_stops_early_and_restores_best_weights():

@@ -51,11 +51,8 @@ def predictions_for(trained: TrainedCBM, data: ConceptDataset, split: str = "tes
 
 def file_sha256(path: str | Path) -> str:
     """Content digest of a file: finished cells are reused only for the very same predictions."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def model_metrics(trained: TrainedCBM, data: ConceptDataset, split: str = "test") -> dict[str, float]:
@@ -96,7 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _intervention_base(args: argparse.Namespace, metric: str | None = None) -> InterventionConfig:
+def _intervention_base(args: argparse.Namespace, metric: str) -> InterventionConfig:
+    """The shared intervention settings of ``intervene``; ``metric`` is already resolved (flag,
+    predictions' metadata or default)."""
     return InterventionConfig(
         criterion="RAND",
         ordering=args.ordering,
@@ -105,7 +104,7 @@ def _intervention_base(args: argparse.Namespace, metric: str | None = None) -> I
         n_samples=args.n_samples,
         not_visible=args.not_visible,
         replacement_source=args.replacement_source,
-        metric=metric or args.metric or "error",
+        metric=metric,
         max_steps=args.max_steps,
         costs=CostModel(concept=args.tau_i, group=args.tau_g, forward_pass=args.tau_f),
     )

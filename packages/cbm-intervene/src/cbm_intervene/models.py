@@ -158,7 +158,8 @@ class ConceptBottleneckModel(nn.Module):
 @dataclass
 class TrainedCBM:
     """A trained CBM. ``target_spec`` is ``None`` when f is a custom module, ``concept_sizes`` (the
-    layer sizes of the default MLP g) is ``None`` when g is."""
+    layer sizes of the default MLP g) is ``None`` when g is; :func:`save_cbm` then derives the sizes
+    when g is an MLP as :func:`mlp` builds it."""
 
     model: ConceptBottleneckModel
     config: TrainConfig
@@ -230,16 +231,46 @@ def fit(
     return history
 
 
-def _check_module_widths(module: nn.Module, role: str, n_inputs: int, n_outputs: int, what: str) -> None:
-    probe = torch.zeros(2, n_inputs)
+def check_module_widths(
+    module: nn.Module,
+    role: str,
+    n_inputs: int,
+    n_outputs: int,
+    *,
+    source: str,
+    outputs: str,
+    probe: torch.Tensor | None = None,
+) -> None:
+    """Fail early, naming both widths, when ``module`` cannot read ``(B, n_inputs)`` inputs or does
+    not return a ``(B, n_outputs)`` tensor of ``outputs``; ``source`` says where ``n_inputs`` comes
+    from (e.g. "the predictions have 6 concepts").
+
+    The probe (default: two rows of zeros) runs under ``torch.no_grad()`` in eval mode, so modules
+    with running statistics (BatchNorm) are left as they were; every submodule's training flag is
+    restored afterwards.
+    """
+    probe = torch.zeros(2, n_inputs) if probe is None else probe
+    flags = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
     try:
         with torch.no_grad():
             out = module(probe)
-    except RuntimeError as exc:
-        raise ValueError(f"{role} cannot read inputs of width {n_inputs}: {exc}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_outputs):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{role} maps (2, {n_inputs}) inputs to {shape}, expected (2, {n_outputs}) {what}")
+    except Exception as exc:  # any failure on a correctly sized probe is a width or interface problem
+        first_linear = next((layer for layer in module.modules() if isinstance(layer, nn.Linear)), None)
+        if first_linear is not None and first_linear.in_features != n_inputs:
+            raise ValueError(
+                f"{role} expects {first_linear.in_features} inputs (its first nn.Linear layer), but {source}"
+            ) from exc
+        raise ValueError(f"{role} cannot read inputs of width {n_inputs} ({source}): {exc}") from exc
+    finally:
+        for submodule, training in flags:
+            submodule.training = training
+    expected = (probe.shape[0], n_outputs)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ValueError(
+            f"{role} maps {tuple(probe.shape)} inputs to {got}, expected a tensor of shape {expected} ({outputs})"
+        )
 
 
 def train_cbm(
@@ -273,14 +304,28 @@ def train_cbm(
         concept_sizes = [n_features, *config.concept_hidden, data.n_concepts]
         g = mlp(concept_sizes)
     else:
-        _check_module_widths(concept_model, "concept_model", n_features, data.n_concepts, "concept logits")
+        check_module_widths(
+            concept_model,
+            "concept_model",
+            n_features,
+            data.n_concepts,
+            source=f"the data set has {n_features} features",
+            outputs=f"{data.n_concepts} concept logits",
+        )
         g = concept_model
     spec: TargetModelSpec | None = None
     if target_model is None:
         spec = TargetModelSpec(n_concepts=data.n_concepts, n_classes=data.n_classes, hidden=config.target_hidden)
         f = spec.build()
     else:
-        _check_module_widths(target_model, "target_model", data.n_concepts, data.n_classes, "class logits")
+        check_module_widths(
+            target_model,
+            "target_model",
+            data.n_concepts,
+            data.n_classes,
+            source=f"the data set has {data.n_concepts} concepts",
+            outputs=f"{data.n_classes} class logits",
+        )
         f = target_model
     kind = BOTTLENECK_KIND[config.strategy]
     model = ConceptBottleneckModel(g, f, kind)
@@ -337,6 +382,19 @@ def train_cbm(
     return trained
 
 
+def mlp_sizes(module: nn.Module) -> list[int] | None:
+    """The layer sizes ``s`` with ``mlp(s)`` of the same architecture as ``module``, or ``None`` when
+    ``module`` is not such an MLP (an ``nn.Sequential`` of Linear layers with ReLU between them)."""
+    if not isinstance(module, nn.Sequential) or not len(module) or not isinstance(module[0], nn.Linear):
+        return None
+    linears = [layer for layer in module if isinstance(layer, nn.Linear)]
+    sizes = [layer.in_features for layer in linears] + [linears[-1].out_features]
+    rebuilt = mlp(sizes)
+    same_layers = [type(layer) for layer in rebuilt] == [type(layer) for layer in module]
+    same_bias = all((a.bias is None) == (b.bias is None) for a, b in zip(linears, rebuilt[::2], strict=True))
+    return sizes if same_layers and same_bias else None
+
+
 def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
     """Save a trained CBM as state_dicts plus what rebuilds the package's own modules.
 
@@ -346,12 +404,15 @@ def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    concept_sizes = trained.concept_sizes
+    if concept_sizes is None:  # a TrainedCBM built by hand around the package's MLP g is rebuildable too
+        concept_sizes = mlp_sizes(trained.model.concept_model)
     torch.save(
         {
             "format": "cbm-intervene-cbm/2",
             "config": asdict(trained.config),
             "target_spec": None if trained.target_spec is None else asdict(trained.target_spec),
-            "concept_sizes": trained.concept_sizes,
+            "concept_sizes": concept_sizes,
             "concept_model_class": type(trained.model.concept_model).__qualname__,
             "target_model_class": type(trained.model.target_model).__qualname__,
             "kind": trained.model.kind,
@@ -382,7 +443,8 @@ def load_cbm(
     module works too, if its weights fit).
     """
     path = Path(path)
-    blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    # both formats hold only tensors, state_dicts and plain containers: no arbitrary unpickling needed
+    blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     spec = None if blob.get("target_spec") is None else TargetModelSpec(**blob["target_spec"])
     sizes = blob.get("concept_sizes")
     if "concept_state_dict" not in blob:  # first format: one state_dict of the whole CBM

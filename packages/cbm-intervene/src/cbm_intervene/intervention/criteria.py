@@ -256,7 +256,12 @@ def lookahead_scores(
     hypotheticals of each candidate pair, ``ctx.chunk_rows`` pairs per batch; non-candidates are
     never evaluated and score 0. ``combine(base, logp0, logp1, p)`` receives, per pair, the log class
     probabilities ``(P, M)`` of the current bottleneck, of ``c_i=0`` and of ``c_i=1``, and ``p_i``
-    ``(P,)``, and returns ``(P,)`` scores.
+    ``(P,)``, and must return ``(P,)`` scores (reduce over the class axis, the last one).
+
+    Changed in the Unreleased version: ``combine`` used to receive per-sample grids, ``base``
+    ``(B, M)``, ``logp0``/``logp1`` ``(B, K, M)`` and ``p`` ``(B, K)``. A ``combine`` written for
+    that layout that broadcasts ``base[:, None]`` against ``logp0`` would now yield ``(P, P, M)``;
+    its result is checked and anything but ``(P,)`` raises a ``ValueError``.
     """
     n, k = ctx.values.shape
     out = torch.zeros(n, k)
@@ -282,7 +287,15 @@ def lookahead_scores(
                 hyp = ctx.values[sample].clone()
                 hyp[rows, concept] = replacement[concept]
                 logp.append(ctx.log_predict(hyp, mask))
-            out[sample, concept] = combine(base[sample], logp[0], logp[1], ctx.probs[sample, concept])
+            scores = combine(base[sample], logp[0], logp[1], ctx.probs[sample, concept])
+            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(sample),):
+                shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise ValueError(
+                    f"lookahead_scores: combine returned {shape}, expected ({len(sample)},) -- one score per "
+                    "(sample, concept) pair; combine receives per-pair log probabilities (P, M), (P, M), (P, M) "
+                    "and p (P,) (it used to receive (B, M), (B, K, M), (B, K, M), (B, K))"
+                )
+            out[sample, concept] = scores
     return out
 
 

@@ -46,11 +46,11 @@ from cbm_intervene.intervention.criteria import (
     CRITERIA,
     GROUP_SCORES,
     ScoringContext,
-    first_linear_layer,
     get_criterion,
     score_units,
 )
 from cbm_intervene.metrics import METRICS, error_rate
+from cbm_intervene.models import check_module_widths
 
 log = logging.getLogger(__name__)
 
@@ -208,16 +208,20 @@ class TargetPredictor:
     def _from_binary(self, binary: torch.Tensor) -> torch.Tensor:
         return binary.float() if self.kind == "prob" else torch.where(binary, self.high, self.low)
 
+    def _hard_inputs(self, values: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
+        """HARD: unrevealed probabilities thresholded at 0.5 and logits at 0 (probability 0.5), mapped
+        to the replacement values; the authors' code thresholds logits at 0.5 too, a bug (Shin et al.
+        2023, Sec. 3.3). Revealed concepts keep their values."""
+        threshold = 0.5 if self.kind == "prob" else 0.0
+        return torch.where(intervened, values, self._from_binary(values >= threshold))
+
     @torch.no_grad()
     def log_proba(self, values: torch.Tensor, intervened: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.mode
         if mode == "soft":
             return torch.log_softmax(self.model(values), dim=-1)
         if mode == "hard":
-            # logits are thresholded at 0 (probability 0.5); the authors' code uses 0.5 for logits too: a bug
-            threshold = 0.5 if self.kind == "prob" else 0.0
-            hard = self._from_binary(values >= threshold)
-            return torch.log_softmax(self.model(torch.where(intervened, values, hard)), dim=-1)
+            return torch.log_softmax(self.model(self._hard_inputs(values, intervened)), dim=-1)
         # samp: average f's class probabilities over Bernoulli draws of the unrevealed concepts; a fixed
         # seed per call gives every step the same draws (common random numbers, smoother curves)
         generator = torch.Generator().manual_seed(self.seed)
@@ -241,36 +245,11 @@ class TargetPredictor:
         """The bottleneck f reads in :meth:`lookahead_log_proba` (thresholded under HARD)."""
         if self.lookahead_mode == "soft":
             return values
-        threshold = 0.5 if self.kind == "prob" else 0.0
-        return torch.where(intervened, values, self._from_binary(values >= threshold))
+        return self._hard_inputs(values, intervened)
 
 
 def _stable_descending(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.argsort(-scores, dim=dim, stable=True)
-
-
-def check_target_model(target_model: nn.Module, n_concepts: int, n_classes: int, probe: torch.Tensor) -> None:
-    """Fail early, naming both widths, when f cannot read ``n_concepts`` values or does not return
-    ``n_classes`` logits."""
-    try:
-        with torch.no_grad():
-            out = target_model(probe)
-    except RuntimeError as exc:
-        try:
-            expected = first_linear_layer(target_model).in_features
-        except ValueError:
-            expected = None
-        if expected is not None and expected != n_concepts:
-            raise ValueError(
-                f"target model expects {expected} input concepts (its first nn.Linear layer), "
-                f"but the predictions have {n_concepts} concepts"
-            ) from None
-        raise ValueError(f"target model fails on the predictions' {n_concepts} concepts: {exc}") from None
-    if out.ndim != 2 or out.shape[1] != n_classes:
-        raise ValueError(
-            f"target model maps {n_concepts} concepts to output shape {tuple(out.shape[1:])}, "
-            f"expected ({n_classes},) class logits"
-        )
 
 
 def _passes_per_sample(criterion_passes: Callable[[int, int], int], candidates: torch.Tensor, n_classes: int) -> float:
@@ -301,7 +280,15 @@ def run_intervention(
     predictor = TargetPredictor(
         target_model, predictions.kind, config.conceptualization, low, high, config.n_samples, config.seed
     )
-    check_target_model(target_model, k, predictions.n_classes, predictions.values[:1])
+    check_module_widths(
+        target_model,
+        "target model",
+        k,
+        predictions.n_classes,
+        source=f"the predictions have {k} concepts",
+        outputs=f"{predictions.n_classes} class logits",
+        probe=predictions.values[:2],
+    )
 
     visible = predictions.visibility if predictions.visibility is not None else torch.ones(n, k, dtype=torch.bool)
     askable = visible if config.not_visible == "skip" else torch.ones(n, k, dtype=torch.bool)
