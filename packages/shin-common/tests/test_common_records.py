@@ -206,6 +206,9 @@ def test_jsonl_store_tolerates_a_torn_last_line(tmp_path, caplog):
     assert "incomplete line" in caplog.text
     store.append({"a": 2}, {"metrics": {"x": 2}})  # the retry starts on a fresh line
     assert store.completed_keys() == {record_key({"a": 1}), record_key({"a": 2})}
+    store.append({"a": 3}, {"metrics": {"x": 3}})
+    assert store.is_complete({"a": 3})
+    assert caplog.text.count("incomplete line") == 1  # rereading the file does not repeat the warning
 
 
 @pytest.mark.parametrize("field", ["key", "config"])
@@ -217,7 +220,7 @@ def test_jsonl_store_rejects_records_that_would_overwrite_its_own_fields(tmp_pat
     assert not store.is_complete({"a": 1})
 
 
-def test_jsonl_store_reads_each_line_once_and_sees_other_writers(tmp_path, monkeypatch):
+def test_jsonl_store_reads_the_file_only_when_it_changed_and_sees_other_writers(tmp_path, monkeypatch):
     path = tmp_path / "s.jsonl"
     store = JsonlStore(path)
     parsed = []
@@ -233,14 +236,15 @@ def test_jsonl_store_reads_each_line_once_and_sees_other_writers(tmp_path, monke
         assert not store.is_complete(cfg)
         store.append(cfg, {"metrics": {"v": cfg["i"]}})
         assert store.is_complete(cfg)
+    parsed.clear()
     for cfg in grid:
         assert store.is_complete(cfg)
-    assert sorted(parsed) == list(range(1, 21))  # every line parsed exactly once over the whole sweep
+    assert parsed == []  # the file did not change since the last append was seen: nothing reread
 
     other = JsonlStore(path)  # e.g. a second process working on the same sweep
     other.append({"i": 99}, {"metrics": {"v": 99}})
     assert store.is_complete({"i": 99}) and store.get({"i": 99})["metrics"] == {"v": 99}
-    assert sorted(parsed) == list(range(1, 22))  # ``store`` parsed only the new line
+    assert parsed == list(range(1, 22))  # the change was noticed and the file read once for both calls
 
     store.get({"i": 3})["metrics"]["v"] = "mutated"  # callers get copies, not the cached entries
     assert store.get({"i": 3})["metrics"] == {"v": 3}
@@ -299,14 +303,16 @@ def test_jsonl_store_rereads_a_file_recreated_under_a_reused_inode(tmp_path, mon
     old = os.stat(path)
     path.unlink()
     path.write_bytes(_store_lines(({"i": 0}, big), ({"i": 2}, {"m": "longer than before"})))
-    real_fstat = os.fstat
+    real_stat = os.stat
 
-    def reused_inode(fd):  # the file system gave the new file the deleted one's inode
-        info = real_fstat(fd)
+    def reused_inode(target, *args, **kwargs):  # the file system gave the new file the deleted one's inode
+        info = real_stat(target, *args, **kwargs)
+        if os.fspath(target) != os.fspath(path):
+            return info
         return types.SimpleNamespace(
             st_dev=old.st_dev, st_ino=old.st_ino, st_size=info.st_size, st_mtime_ns=info.st_mtime_ns
         )
 
-    monkeypatch.setattr(records.os, "fstat", reused_inode)
+    monkeypatch.setattr(records.os, "stat", reused_inode)
     assert [r["config"] for r in store.records()] == [{"i": 0}, {"i": 2}]
     assert not store.is_complete({"i": 1})

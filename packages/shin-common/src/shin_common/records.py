@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import datetime as _dt
 import enum
-import hashlib
 import json
 import logging
 import math
@@ -234,13 +233,6 @@ def record_key(config: Mapping[str, Any] | Any) -> str:
     return json.dumps(_jsonable(config, keep_non_finite=True), sort_keys=True, separators=(",", ":"))
 
 
-HEAD_BYTES = 4096  # how much of the start of a JsonlStore file is compared to notice a rewrite
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
 class JsonlStore:
     """Append-only JSON-lines store of finished runs in a sweep.
 
@@ -249,13 +241,10 @@ class JsonlStore:
     most one partial last line; reading skips it with a warning and the next append starts on a
     fresh line.
 
-    The store keeps what it has read in memory and reads only what was added to the file since
-    (by this or another process), so ``is_complete`` over a sweep of N runs costs O(N) in all, not
-    O(N^2). The file is read again from the start when it was replaced (another inode), shrunk, or
-    rewritten: its first 4 KiB no longer match what was read, or the byte before the position
-    reached is not the newline that ended the last line read (this also catches a file deleted and
-    recreated under a reused inode). A rewrite that keeps both goes unnoticed; :meth:`reload`
-    forces a full reread.
+    The store keeps what it read in memory and reads the file again only when its identity, size
+    or modification time changed (an append by this or another process, a replacement, a rewrite),
+    so checking every run of a sweep does not reparse the file each time; :meth:`reload` forces a
+    reread.
 
     >>> store = JsonlStore("sweep.jsonl")                        # doctest: +SKIP
     >>> for cfg in grid:                                          # doctest: +SKIP
@@ -268,17 +257,14 @@ class JsonlStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._warned_lines: set[int] = set()  # torn lines already reported: a reread does not repeat it
         self._forget()
 
     # ------------------------------------------------------------------ reading
     def _forget(self) -> None:
         self._entries: list[dict[str, Any]] = []  # complete lines, in file order
         self._latest: dict[str, dict[str, Any]] = {}  # key -> last entry with that key
-        self._offset = 0  # bytes of the file consumed: always the end of a complete line
-        self._lines_read = 0
-        self._identity: tuple[int, int] | None = None  # (device, inode) of the file read
-        self._head: tuple[int, bytes] | None = None  # (length, digest) of the file's first bytes read
-        self._seen: tuple[int, int] | None = None  # (size, mtime_ns) when last read
+        self._stamp: tuple[int, int, int, int] | None = None  # (device, inode, size, mtime_ns) when read
         self._tail: dict[str, Any] | None = None  # a valid last line that lacks its newline
 
     def reload(self) -> None:
@@ -287,47 +273,25 @@ class JsonlStore:
 
     def _refresh(self) -> None:
         try:
-            handle = open(self.path, "rb")  # noqa: SIM115 - closed below; fstat needs the open file
+            info = os.stat(self.path)
         except FileNotFoundError:
-            if self._identity is not None:
-                self._forget()
+            self._forget()
             return
-        with handle:
-            info = os.fstat(handle.fileno())
-            identity, seen = (info.st_dev, info.st_ino), (info.st_size, info.st_mtime_ns)
-            if identity != self._identity or info.st_size < self._offset or not self._same_start(handle):
-                self._forget()  # replaced, truncated, rewritten or never read: start over
-            elif seen == self._seen:
-                return
-            self._identity = identity
-            handle.seek(self._offset)
-            data = handle.read()
-            end = data.rfind(b"\n") + 1  # only newline-terminated lines are final
-            head_length = min(self._offset + end, HEAD_BYTES)
-            if self._head is None or self._head[0] < head_length:
-                handle.seek(0)
-                self._head = (head_length, _digest(handle.read(head_length)))
-        for raw in data[:end].split(b"\n")[:-1]:
-            self._lines_read += 1
-            entry = self._parse(raw, self._lines_read)
+        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if stamp == self._stamp:
+            return
+        # Taken before reading: a line appended meanwhile changes the file again, so it is read next time.
+        data = self.path.read_bytes()
+        self._forget()
+        end = data.rfind(b"\n") + 1  # only newline-terminated lines are final
+        for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+            entry = self._parse(raw, number)
             if entry is not None:
                 self._entries.append(entry)
                 self._latest[entry["key"]] = entry
-        self._offset += end
-        self._seen = seen
         tail = data[end:]
-        self._tail = self._parse(tail, self._lines_read + 1) if tail.strip() else None
-
-    def _same_start(self, handle: Any) -> bool:
-        """Whether the open file still begins as read and has a line end where reading stopped."""
-        if self._offset == 0 or self._head is None:
-            return True
-        length, digest = self._head
-        handle.seek(0)
-        if _digest(handle.read(length)) != digest:
-            return False
-        handle.seek(self._offset - 1)
-        return handle.read(1) == b"\n"
+        self._tail = self._parse(tail, data[:end].count(b"\n") + 1) if tail.strip() else None
+        self._stamp = stamp
 
     def _parse(self, raw: bytes, number: int) -> dict[str, Any] | None:
         if not raw.strip():
@@ -335,7 +299,9 @@ class JsonlStore:
         try:
             entry = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s:%d: skipping an incomplete line (interrupted write)", self.path, number)
+            if number not in self._warned_lines:
+                self._warned_lines.add(number)
+                log.warning("%s:%d: skipping an incomplete line (interrupted write)", self.path, number)
             return None
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
             return entry
