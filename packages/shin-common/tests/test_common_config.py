@@ -100,7 +100,7 @@ def test_n_m_patterns_stay_strings_in_files_and_overrides(tmp_path):
 
 
 def test_parse_overrides_is_the_untyped_yaml_reading():
-    assert parse_overrides(["x=1_000", "y=0x10", "z=1e-3"]) == {"x": 1000, "y": 16, "z": "1e-3"}
+    assert parse_overrides(["x=1_000", "y=0x10", "z=1e-3"]) == {"x": 1000, "y": 16, "z": 0.001}
 
 
 @pytest.mark.parametrize(

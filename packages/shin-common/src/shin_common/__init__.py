@@ -1,11 +1,20 @@
 """Shared plumbing for the shin research toolkit.
 
-Only what at least two of the method packages need: seeding, results records, typed configs,
-logging and progress bars, and the offline text corpus.
+Only what at least two of the method packages need: the run contract (output directories, results
+records, safe loading, one-line errors), seeding, typed configs, logging and progress bars, and the
+offline text corpus.
 """
 
 from shin_common.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_overrides
 from shin_common.corpus import Document, TextCorpus, byte_blocks, stdlib_corpus
+from shin_common.errors import (
+    ConfigMismatchError,
+    CorruptFileError,
+    MissingExtraError,
+    OutputDirectoryError,
+    UnsafeFileError,
+)
+from shin_common.files import import_pyplot, load_json, load_npz, load_torch, require_extra, save_torch_atomic
 from shin_common.logs import progress, setup_logging
 from shin_common.records import (
     JsonlStore,
@@ -16,25 +25,42 @@ from shin_common.records import (
     write_json_atomic,
     write_run_record,
 )
+from shin_common.rundir import RunDirectory, check_output_path, config_differences
+from shin_common.runner import run_command
 from shin_common.seeding import seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "ConfigMismatchError",
+    "CorruptFileError",
     "Document",
     "JsonlStore",
+    "MissingExtraError",
+    "OutputDirectoryError",
+    "RunDirectory",
     "TextCorpus",
+    "UnsafeFileError",
     "__version__",
     "apply_overrides",
     "byte_blocks",
+    "check_output_path",
+    "config_differences",
     "config_to_dict",
+    "import_pyplot",
     "load_config",
+    "load_json",
+    "load_npz",
+    "load_torch",
     "parse_overrides",
     "progress",
     "provenance",
     "read_json",
     "record_key",
+    "require_extra",
+    "run_command",
+    "save_torch_atomic",
     "seed_everything",
     "setup_logging",
     "stdlib_corpus",

@@ -67,6 +67,14 @@ _Loader.add_implicit_resolver(
 )
 
 
+# YAML 1.1 reads 1e-3 (no dot) as a string; read it as the float everyone means (YAML 1.2 does).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
@@ -263,12 +271,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        # A string is refused even when it spells a number: a quoted "0.5" in a file is text.
+        raise ConfigError(f"{key}={value!r}: expected a number, not {type(value).__name__}")
     if tp is str:
         if isinstance(value, str):
             return value

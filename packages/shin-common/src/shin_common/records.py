@@ -107,19 +107,75 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> dict[str, Any] |
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def package_source_revision(dist: str) -> dict[str, Any] | None:
+    """The git commit of the installed package ``dist``'s own source, or None.
+
+    Found from where the package's code lives, not from the working directory, and only when that
+    code is a tracked file of the checkout (an editable install); a wheel installed inside some
+    repository's virtual environment has no revision. ``dirty`` covers the package's code only.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(dist.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin).resolve()
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", origin.name],
+            cwd=origin.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if tracked.returncode != 0:
+            return None
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=origin.parent, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=origin.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def provenance(
     *,
     config: Any = None,
     seed: int | None = None,
     packages: Iterable[str] = DEFAULT_PACKAGES,
     extra: Mapping[str, Any] | None = None,
+    package: str | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to say how a result was obtained."""
+    """Everything needed to say how a result was obtained.
+
+    ``package`` names the distribution that wrote the result (``recon-prune``): its version is
+    recorded under ``package``, and ``git`` is then the revision of that package's own source,
+    whatever the working directory is (without ``package``, that of the working directory).
+    """
+    names = list(packages)
+    if package is not None and package not in names:
+        names.append(package)
     record: dict[str, Any] = {
         "config": to_jsonable(config),
         "seed": seed,
-        "versions": {"python": platform.python_version(), **package_versions(packages)},
-        "git": git_revision(),
+    }
+    if package is not None:
+        record["package"] = {"name": package, "version": package_versions([package])[package]}
+    record |= {
+        "versions": {"python": platform.python_version(), **package_versions(names)},
+        "git": package_source_revision(package) if package is not None else git_revision(),
         "host": {
             "hostname": socket.gethostname(),
             "platform": platform.platform(),
@@ -210,17 +266,20 @@ def write_run_record(
     seed: int | None = None,
     packages: Iterable[str] = DEFAULT_PACKAGES,
     extra: Mapping[str, Any] | None = None,
+    package: str | None = None,
 ) -> dict[str, Any]:
     """Save one run's metrics with its provenance as JSON (atomically) and return the record."""
-    record = provenance(config=config, seed=seed, packages=packages, extra=extra)
+    record = provenance(config=config, seed=seed, packages=packages, extra=extra, package=package)
     record["metrics"] = to_jsonable(dict(metrics))
     write_json_atomic(path, record)
     return record
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """A JSON file's contents; invalid JSON raises a one-line ``CorruptFileError`` naming the file."""
+    from shin_common.files import load_json
+
+    return load_json(path)
 
 
 def record_key(config: Mapping[str, Any] | Any) -> str:
