@@ -83,7 +83,7 @@ def test_train_resumes_after_interruption(tmp_path, monkeypatch):
     changed = replace(config, optim=replace(config.optim, lr=3e-3), steps=9)
     with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.003; steps: 7 -> 9") as refused:
         train(changed, tmp_path / "interrupted")
-    assert "checkpoint.pt" in str(refused.value)
+    assert "interrupted" in str(refused.value) and "--overwrite" in str(refused.value)
     resumed = train(replace(config, checkpoint_every=2), tmp_path / "interrupted")  # continues from minibatch 3
     assert resumed["train_losses"] == full["train_losses"]
     assert resumed["val_loss"] == full["val_loss"]
@@ -108,7 +108,9 @@ def test_rerun_of_a_finished_emulated_run_reports_it(tmp_path, monkeypatch):
     again = train(config, tmp_path)
     assert again["already_finished"] and again["train_losses"] == first["train_losses"]
     assert again["val_loss"] == first["val_loss"]
-    with pytest.raises(ValueError, match=r"finished run .*run\.json.*optim\.name: 'basis-rotation' -> 'adamw'"):
+    with pytest.raises(
+        ValueError, match=r"holds a run with a different configuration \(optim\.name: 'basis-rotation' -> 'adamw'\)"
+    ):
         train(replace(config, optim=OptimConfig(name="adamw")), tmp_path)
 
 
@@ -123,10 +125,10 @@ def test_rerun_of_a_finished_emulated_run_reports_it(tmp_path, monkeypatch):
     ],
 )
 def test_train_bad_inputs(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--output-dir", str(tmp_path), *TINY_ARGS, *args])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    assert main(["train", "--output-dir", str(tmp_path / "out"), *TINY_ARGS, *args]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.startswith("basisrot-pipeline train: error:")
+    assert not (tmp_path / "out").exists()  # refused before the output directory was created
 
 
 def test_demo_short_run(tmp_path):
@@ -190,12 +192,10 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
     capsys.readouterr()
     assert main([*rerun, "--output-dir", str(tmp_path / "distributed")]) == 0
     assert '"already_finished": true' in capsys.readouterr().out
-    # an interrupted run (checkpoint, no record) refuses other settings before starting any worker
-    (tmp_path / "distributed" / "run.json").unlink()
-    with pytest.raises(SystemExit):
-        main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")])
+    # other settings are refused before starting any worker
+    assert main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")]) == 2
     error = capsys.readouterr().err
-    assert re.search(r"checkpoint at step 3 .*optim\.lr: 0\.001 -> 0\.005", error)
+    assert re.search(r"distributed' holds a run with a different configuration \(optim\.lr: 0\.001 -> 0\.005\)", error)
     assert len(re.findall(r"optim\.lr:", error)) == 1  # each differing key is named once
 
 

@@ -12,6 +12,7 @@ from basisrot_pipeline.emulator import StalenessEmulator, build_emulator
 from basisrot_pipeline.model import GPT, ModelConfig, balanced_split, lm_loss, partition_model
 from basisrot_pipeline.optim import build_optimizer, optimizer_step
 from basisrot_pipeline.staleness import staleness_schedule
+from shin_common import load_torch
 
 
 def test_schedules():
@@ -131,7 +132,7 @@ def test_emulator_checkpoint_resume_equals_uninterrupted(tiny_config, tiny_batch
     resumed_model, resumed = build_emulator(
         tiny_config, config, delays, total_steps=steps, weight_stashing=stashing, seed=99
     )
-    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    resumed.load_state_dict(load_torch(tmp_path / "ckpt.pt"))  # everything in it loads with weights_only
     got += [resumed.step(*tiny_batches.batch(m)) for m in range(6, steps)]
     assert got == expected
     for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
@@ -155,11 +156,13 @@ def test_emulator_refuses_a_checkpoint_of_other_settings(tiny_config, tiny_batch
 
 
 def test_an_emulated_checkpoint_without_settings_says_how_to_continue(tmp_path, fast_optim):
-    from basisrot_pipeline.train import TrainConfig, train_emulated
+    from basisrot_pipeline.train import TrainConfig, open_training_run, train_emulated
 
     model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
     config = TrainConfig(model=model, optim=fast_optim(), stages=2, steps=4, data="random", batch_size=2)
-    torch.save({"emulator": {}, "losses": []}, tmp_path / "checkpoint.pt")  # as written before settings were
+    run = open_training_run(config, tmp_path)  # a partial run of this config ...
+    run.begin()
+    torch.save({"emulator": {}, "losses": []}, run.file("checkpoint.pt"))  # ... whose checkpoint has no settings
     with pytest.raises(ValueError, match=r"checkpoint.pt' records no configuration .*delete it, or use a new output"):
         train_emulated(config, tmp_path)
     _, emulator = build_emulator(model, fast_optim(), (1, 0), total_steps=4)

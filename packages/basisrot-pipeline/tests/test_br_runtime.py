@@ -24,7 +24,14 @@ from basisrot_pipeline.runtime import (
     run_local,
 )
 from basisrot_pipeline.staleness import staleness_schedule
-from basisrot_pipeline.train import TrainConfig, resume_config, train_distributed
+from basisrot_pipeline.train import (
+    TrainConfig,
+    distributed_files,
+    open_training_run,
+    resume_config,
+    train_distributed,
+)
+from shin_common import load_torch
 
 STEPS = 8
 
@@ -114,15 +121,19 @@ def test_each_checkpoint_step_has_its_settings_as_json(tiny_config, tiny_batches
     AsyncPipelineWorker(job, 0, torch.device("cpu")).save_checkpoint(2)
     saved = json.loads(checkpoint_settings_path(tmp_path, 2).read_text())
     assert saved == json.loads(json.dumps(job.settings()))
-    in_checkpoint = torch.load(checkpoint_path(tmp_path, 2, 0), weights_only=False)["settings"]
+    in_checkpoint = load_torch(checkpoint_path(tmp_path, 2, 0))["settings"]  # loads with weights_only
     assert config_differences(saved, in_checkpoint) == []
 
 
 TINY_RUN = dict(stages=2, steps=6, data="random", batch_size=4, eval_batches=1, checkpoint_every=2)
 
 
-def _interrupted_run(directory, settings) -> None:
-    """A checkpoint at step 2 whose stage files cannot be loaded: the resume check must not need them."""
+def _interrupted_run(directory, config, settings) -> None:
+    """A partial run of ``config`` with a checkpoint at step 2 whose stage files cannot be loaded:
+    the resume checks must not need them."""
+    run = open_training_run(config, directory)
+    run.begin()
+    run.claim(distributed_files(config))
     step_dir = checkpoint_settings_path(directory / "checkpoints", 2).parent
     step_dir.mkdir(parents=True)
     for stage in range(2):
@@ -131,7 +142,7 @@ def _interrupted_run(directory, settings) -> None:
         (step_dir / "settings.json").write_text(json.dumps(settings))
 
 
-def test_resume_reads_the_settings_json_not_the_stage_checkpoints(tmp_path, fast_optim):
+def test_resume_is_refused_from_the_manifest_not_the_stage_checkpoints(tmp_path, fast_optim):
     model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
     saved = TrainConfig(**TINY_RUN, model=model, optim=fast_optim())
     job = PipelineJob(
@@ -142,16 +153,17 @@ def test_resume_reads_the_settings_json_not_the_stage_checkpoints(tmp_path, fast
         batches=random_batches(vocab_size=32, block_size=8, batch_size=4, seed=0),
         run_config=resume_config(saved),
     )
-    _interrupted_run(tmp_path, job.settings())
-    with pytest.raises(ValueError, match=r"checkpoint at step 2 .*\(optim\.lr: 0\.01 -> 0\.03\)"):
+    _interrupted_run(tmp_path, saved, job.settings())
+    with pytest.raises(ValueError, match=r"holds a run with a different configuration \(optim\.lr: 0\.01 -> 0\.03\)"):
         train_distributed(replace(saved, optim=fast_optim(lr=3e-2)), tmp_path)
 
 
 def test_resume_from_a_checkpoint_without_settings_says_how_to_continue(tmp_path, fast_optim):
     model = ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    _interrupted_run(tmp_path, None)
+    config = TrainConfig(**TINY_RUN, model=model, optim=fast_optim())
+    _interrupted_run(tmp_path, config, None)
     with pytest.raises(ValueError, match=r"step_00000002'\) records no configuration .*delete it, or use a new"):
-        train_distributed(TrainConfig(**TINY_RUN, model=model, optim=fast_optim()), tmp_path)
+        train_distributed(config, tmp_path)
 
 
 TORCHRUN_RANK = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "1"}

@@ -71,35 +71,44 @@ def test_train_then_intervene(tmp_path, capsys):
     assert json.loads((out / "intervention.json").read_text())["curves"] == result["curves"]
 
 
-def test_rewritten_predictions_are_not_served_from_stale_cells(tmp_path, predictions_factory):
-    """Cells are keyed by the predictions file's content, not only its path."""
+def test_rewritten_predictions_are_not_served_from_a_finished_run(tmp_path, predictions_factory, capsys):
+    """A run is identified by the predictions file's content, not only its path: after the file is
+    rewritten, the old run's directory is refused (naming the digest) until --overwrite recomputes."""
     path = tmp_path / "p.pt"
     out = tmp_path / "tti"
     target = torch.nn.Linear(6, 4)
     spec = TargetModelSpec(n_concepts=6, n_classes=4)
     argv = ["intervene", "--predictions", str(path), "--output-dir", str(out), "--criteria", "UCP", "--no-plot"]
     argv += ["--levels", "i+s", "--budgets"]  # levels are matched case-insensitively, as in the engine
-    curves = []
-    for seed in (0, 1):
-        save_predictions(path, predictions_factory("prob", seed=seed), target_model=target, target_spec=spec)
-        assert main(argv) == 0
-        curves.append(json.loads((out / "intervention.json").read_text())["curves"]["I+S"]["UCP"]["error_mean"])
-    assert curves[0] != curves[1]
-    assert len((out / "cells.jsonl").read_text().splitlines()) == 2
-    assert main(argv) == 0  # unchanged file: the cell is reused
-    assert len((out / "cells.jsonl").read_text().splitlines()) == 2
+
+    def curve() -> list[float]:
+        return json.loads((out / "intervention.json").read_text())["curves"]["I+S"]["UCP"]["error_mean"]
+
+    save_predictions(path, predictions_factory("prob", seed=0), target_model=target, target_spec=spec)
+    assert main(argv) == 0
+    first, results = curve(), (out / "intervention.json").read_bytes()
+    save_predictions(path, predictions_factory("prob", seed=1), target_model=target, target_spec=spec)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "differing: predictions_sha256" in capsys.readouterr().err
+    assert (out / "intervention.json").read_bytes() == results  # refused: nothing changed
+    assert main([*argv, "--overwrite"]) == 0
+    assert curve() != first
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 1
+    capsys.readouterr()
+    assert main(argv) == 0  # unchanged file, finished run: reported, not recomputed
+    assert "nothing recomputed" in capsys.readouterr().out
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 1
 
 
 def test_bad_cli_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["intervene", "--predictions", "x.pt", "--output-dir", str(tmp_path), "--levels", "Z+Z"])
-    with pytest.raises(SystemExit):
-        main(["train", "--output-dir", str(tmp_path), "--set", "train.strategy=BOGUS"])
+    assert main(["train", "--output-dir", str(tmp_path / "t"), "--set", "train.strategy=BOGUS"]) == 2
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(["intervene", "--predictions", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)])
-    assert exited.value.code == 2
+    assert main(["intervene", "--predictions", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path / "o")]) == 2
     assert f"predictions file not found: {tmp_path / 'none.pt'}" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []  # refused before any directory was made
 
 
 def test_demo_quick(tmp_path):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import pickle
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from cbm_intervene import models
 from cbm_intervene.data import SyntheticConfig, make_synthetic
 from cbm_intervene.metrics import area_under_curve, error_at, error_rate, interventions_to_reach, mean_std, summarize
 from cbm_intervene.models import (
@@ -27,6 +27,7 @@ from cbm_intervene.models import (
     save_cbm,
     train_cbm,
 )
+from shin_common import CorruptFileError, UnsafeFileError
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +181,54 @@ def test_first_format_checkpoint_still_loads(tmp_path):
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     # load_cbm unpickles only tensors and plain containers (weights_only=True)
     torch.save({"config": TrainConfig()}, tmp_path / "pickled.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(UnsafeFileError, match=r"pickled\.pt"):
         load_cbm(tmp_path / "pickled.pt")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_unreadable_checkpoint_is_named_as_corrupt(small_data, tmp_path, damage):
+    path = tmp_path / "cbm.pt"
+    if damage == "truncated":
+        trained = train_cbm(small_data, TrainConfig(concept_hidden=(8,), max_epochs=1))
+        data = save_cbm(trained, path).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:  # loadable by torch, but not a CBM checkpoint
+        torch.save({"weights": torch.ones(3)}, path)
+    with pytest.raises(CorruptFileError, match=r"cbm\.pt.* corrupt") as info:
+        load_cbm(path)
+    assert "\n" not in str(info.value)
+
+
+class _Interrupt:
+    """Replaces ``models._batches``: Ctrl-C at the start of epoch number ``at`` (counted over stages)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, n, batch_size, generator):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+@pytest.mark.parametrize("stage", ["concept", "target"])
+def test_interrupted_training_resumes_to_the_result_of_an_uninterrupted_run(small_data, tmp_path, monkeypatch, stage):
+    config = TrainConfig(strategy="SEQ", concept_hidden=(8,), max_epochs=12, patience=3, learning_rate=1e-2)
+    reference = train_cbm(small_data, config, checkpoint_dir=tmp_path / "reference")
+    at = 4 if stage == "concept" else len(reference.history["concept"]) + 3
+    monkeypatch.setattr(models, "_batches", _Interrupt(at))
+    with pytest.raises(KeyboardInterrupt):
+        train_cbm(small_data, config, checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "cbm.pt").exists()
+    monkeypatch.undo()
+    resumed = train_cbm(small_data, config, checkpoint_dir=tmp_path / "run", resume=True)
+    assert resumed.history == reference.history
+    for mine, theirs in zip(resumed.model.state_dict().values(), reference.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    # another config does not pick up this run's progress
+    with pytest.raises(ValueError, match=r"concept_model\.progress\.pt.* another training config"):
+        train_cbm(small_data, replace(config, learning_rate=1e-3), checkpoint_dir=tmp_path / "run", resume=True)
 
 
 def test_custom_modules_of_wrong_width_are_rejected(small_data):

@@ -136,15 +136,13 @@ def test_cli_short_calibration_text_and_non_empty_output(model_dir, tmp_path, ca
     assert "shorter than one sequence of 32" in capsys.readouterr().err and not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["prune", "--model", str(model_dir), "--output-dir", str(out), *SMALL]) == 2
-    assert "is not empty; pass --overwrite" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # A directory of someone else's files is refused, with or without --overwrite (which used to
+    # delete the whole directory), and left as it was.
+    for extra in ([], ["--overwrite"]):
+        assert main(["prune", "--model", str(model_dir), "--output-dir", str(out), *SMALL, *extra]) == 2
+        assert "holds files recon-prune did not write (keep.txt)" in capsys.readouterr().err
     assert main(["demo", "--output-dir", str(out)]) == 2
-    assert (
-        main(["prune", "--model", str(model_dir), "--output-dir", str(out), "--overwrite", "--eval", "none", *SMALL])
-        == 0
-    )
-    assert (out / "model" / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "x"
 
 
 def test_cli_help_and_unsupported_model(tmp_path, capsys) -> None:
@@ -247,12 +245,16 @@ def test_cli_vocabulary_is_checked_before_the_dense_evaluation(tmp_path, capsys,
     assert "calibration token id 122 is outside the model's vocabulary of 100" in capsys.readouterr().err
 
 
-def test_cli_failed_save_leaves_no_staging_directory(model_dir, tmp_path, capsys, monkeypatch) -> None:
+def test_cli_failed_save_is_resumed_by_the_same_command(model_dir, tmp_path, capsys, monkeypatch) -> None:
+    """A save that fails half-way leaves an unfinished run, which the same command saves again."""
     import recon_prune.outputs as outputs
 
-    def failing_save(directory, *args, **kwargs) -> None:
-        (directory / "model").mkdir()
-        (directory / "model" / "half.safetensors").write_bytes(b"x")
+    real_save = outputs.save_pruned
+
+    def failing_save(run, *args, **kwargs) -> None:
+        run.begin()
+        (run.path / "model").mkdir()
+        (run.path / "model" / "model.safetensors").write_bytes(b"x")  # torn: the disk filled up
         raise OSError("No space left on device")
 
     monkeypatch.setattr(outputs, "save_pruned", failing_save)
@@ -260,7 +262,13 @@ def test_cli_failed_save_leaves_no_staging_directory(model_dir, tmp_path, capsys
     args = ["prune", "--model", str(model_dir), "--output-dir", str(out), "--eval", "none", "--reconstruction", "none"]
     assert main([*args, *SMALL]) == 2
     assert "No space left on device" in capsys.readouterr().err
-    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+    assert not (out / "results.json").exists()
+    assert not json.loads((out / ".run-manifest.json").read_text())["finished"]
+    monkeypatch.setattr(outputs, "save_pruned", real_save)
+    assert main([*args, *SMALL]) == 0
+    assert json.loads((out / ".run-manifest.json").read_text())["finished"]
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None  # the torn file was replaced
+    assert not list(tmp_path.glob(".out.partial*"))
 
 
 def test_cli_defaults_follow_the_recorded_pretraining_window(model_dir, tmp_path) -> None:

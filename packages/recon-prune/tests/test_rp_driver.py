@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -388,7 +389,9 @@ def test_checkpoint_files_are_fsynced_before_the_state_commits_them(
         state = json.loads(events[k][1])
         synced = [path for kind, path in events[:k] if kind == "fsync"]
         for name in (*state["block_files"].values(), state["buffers_file"]):
-            assert os.path.join(directory, f".{name}.tmp") in synced, name  # fsynced under its temporary name
-        last_file = max(i for i, (kind, path) in enumerate(events[:k]) if path.endswith(".pt.tmp"))
+            # fsynced under its temporary name (.NAME.<8 hex>.tmp)
+            temporary = re.compile(re.escape(os.path.join(directory, f".{name}.")) + r"[0-9a-f]{8}\.tmp")
+            assert any(temporary.fullmatch(path) for path in synced), name
+        last_file = max(i for i, (kind, path) in enumerate(events[:k]) if re.search(r"\.pt\.[0-9a-f]{8}\.tmp$", path))
         assert ("fsync", directory) in events[last_file:k]  # the renames are durable before the commit
         assert next(path for kind, path in events[k + 1 :] if kind == "fsync") == directory  # and the commit

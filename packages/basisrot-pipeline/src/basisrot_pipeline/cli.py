@@ -3,6 +3,9 @@
 basisrot-pipeline train --stages 8 --optimizer basis-rotation --runtime emulated --output-dir runs/p8
 torchrun --nproc-per-node 4 -m basisrot_pipeline train --stages 4 --runtime distributed --output-dir runs/d4
 basisrot-pipeline demo --output-dir outputs/demo
+
+A rerun with the same --output-dir resumes an interrupted run and reports a finished one; see
+docs/run-contract.md (output directories, resume, errors).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 
 from basisrot_pipeline import __version__
 from basisrot_pipeline.optim.factory import OPTIMIZERS
+from basisrot_pipeline.resume import open_run
 from basisrot_pipeline.staleness import SCHEDULES
-from basisrot_pipeline.train import RUNTIMES, TrainConfig, train
-from shin_common import ConfigError, load_config, setup_logging, write_json_atomic
+from basisrot_pipeline.train import RECORD, RUNTIMES, TrainConfig, resume_config, run_emulated, train
+from shin_common import CorruptFileError, import_pyplot, load_config, load_json, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +44,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="override any config field, e.g. --set optim.lr=3e-4 --set model.n_layer=8",
     )
     p.add_argument("--output-dir", required=True, help="run record, checkpoints (a rerun resumes from them)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir (only its own files)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="P=8 emulated pipeline: AdamW against basis rotation, loss curves plotted")
     p.add_argument("--output-dir", default="outputs/demo/basisrot-pipeline")
     p.add_argument("--steps", type=int, default=1000, help="minibatches per optimizer (Default: 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo in --output-dir (only its own files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,29 +102,63 @@ def demo_config(optimizer: str, steps: int) -> TrainConfig:
     )
 
 
-def run_demo(output_dir: Path, steps: int) -> dict:
+DEMO_OPTIMIZERS = ("adamw", "basis-rotation")
+DEMO_RECORD = "demo.json"
+
+
+def _report(name: str, metrics: dict) -> None:
+    print(
+        f"{name:>15}: final train loss {metrics['final_train_loss']:.3f}  "
+        f"val loss {metrics['val_loss']:.3f}  ({metrics['seconds']:.0f} s)"
+    )
+
+
+def run_demo(output_dir: str | Path, steps: int, *, overwrite: bool = False) -> dict:
+    """Train AdamW and basis rotation (P=8, emulated) in ``output_dir``; returns the summary in demo.json.
+
+    One run directory: ``adamw/`` and ``basis-rotation/`` hold the two trainings (each resumes from
+    its checkpoint, and a finished one is kept), ``demo.json`` finishes it. A rerun of a finished
+    demo prints its summary without training.
+    """
+    configs = {name: demo_config(name, steps) for name in DEMO_OPTIMIZERS}  # refuses bad values before any file
+    run = open_run(
+        output_dir,
+        config={name: resume_config(config) for name, config in configs.items()},
+        command="demo",
+        overwrite=overwrite,
+    )
+    if run.finished:
+        record = run.results()
+        if record is None or not isinstance(record.get("metrics"), dict):
+            raise CorruptFileError(run.path / DEMO_RECORD, "the demo is marked finished but its summary is missing")
+        print(f"{run.path} holds a finished demo with these settings (pass --overwrite to run it again):")
+        for name in DEMO_OPTIMIZERS:
+            _report(name, record["metrics"][name])
+        return record["metrics"]
+    plt = import_pyplot()  # checked before the training: the plot is the last step
+    if plt is None:
+        print("matplotlib not installed (pip install 'basisrot-pipeline[plot]'): no plot will be written")
+    run.begin()
     results = {}
     start = time.perf_counter()
-    for optimizer in ("adamw", "basis-rotation"):
-        metrics = train(demo_config(optimizer, steps), output_dir / optimizer)
+    for optimizer, config in configs.items():
+        finished = run.path / optimizer / RECORD  # an interrupted demo keeps the training it finished
+        metrics = load_json(finished)["metrics"] if finished.is_file() else run_emulated(config, run, f"{optimizer}/")
         results[optimizer] = metrics
-        print(
-            f"{optimizer:>15}: final train loss {metrics['final_train_loss']:.3f}  "
-            f"val loss {metrics['val_loss']:.3f}  ({metrics['seconds']:.0f} s)"
-        )
+        _report(optimizer, metrics)
     summary = {
         name: {k: m[k] for k in ("final_train_loss", "val_loss", "seconds", "delays")} for name, m in results.items()
     }
     summary["wall_seconds"] = time.perf_counter() - start
-    write_json_atomic(output_dir / "demo.json", summary)
-    try:
-        import matplotlib
+    if plt is not None:
+        plot = run.file("loss_curves.png")
+        _plot(plt, results, plot)
+        print(f"plot: {plot}")
+    run.finish(metrics=summary, config=run.config, seed=0, name=DEMO_RECORD)
+    return summary
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'basisrot-pipeline[plot]'): no plot written")
-        return summary
+
+def _plot(plt, results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, metrics in results.items():
         losses = metrics["train_losses"]
@@ -133,30 +173,22 @@ def run_demo(output_dir: Path, steps: int) -> dict:
     ax.set_title("Asynchronous 1F1B, P=8 (emulated), stdlib bytes")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output_dir / "loss_curves.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"plot: {output_dir / 'loss_curves.png'}")
-    return summary
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    metrics = train(config_from_args(args), args.output_dir, overwrite=args.overwrite)
+    if metrics:  # empty on the ranks of a launcher's group that do not write the record
+        shown = {k: v for k, v in metrics.items() if k != "train_losses"}
+        print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.output_dir, args.steps, overwrite=args.overwrite)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        if args.command == "train":
-            config = config_from_args(args)
-            metrics = train(config, args.output_dir)
-            if metrics:
-                shown = {k: v for k, v in metrics.items() if k != "train_losses"}
-                print(json.dumps(shown, indent=2, default=str))
-        elif args.command == "demo":
-            out = Path(args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            run_demo(out, args.steps)
-    except (ConfigError, ValueError) as error:
-        parser.exit(2, f"basisrot-pipeline: error: {error}\n")
-    return 0
+    return run_command(build_parser(), {"train": cmd_train, "demo": cmd_demo}, argv, resumable={"train", "demo"})

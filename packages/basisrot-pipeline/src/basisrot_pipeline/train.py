@@ -1,9 +1,15 @@
-"""Training runs: one config, the emulated or the distributed pipeline, resumable, with a run record."""
+"""Training runs: one config, the emulated or the distributed pipeline, resumable, with a run record.
+
+The output directory follows the toolkit's run contract (docs/run-contract.md): checked before any
+work, a finished run of the same config reported without training, a partial one resumed, another
+config refused naming the differing keys; every checkpoint is loaded with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +21,19 @@ from basisrot_pipeline.data import TokenBatches, random_batches, stdlib_batches
 from basisrot_pipeline.emulator import build_emulator
 from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig
-from basisrot_pipeline.resume import check_same_config
+from basisrot_pipeline.resume import TOOL, check_same_config, open_run
 from basisrot_pipeline.staleness import SCHEDULES, staleness_schedule
-from shin_common import config_to_dict, progress, read_json, seed_everything, write_run_record
+from shin_common import (
+    CorruptFileError,
+    RunDirectory,
+    config_to_dict,
+    load_torch,
+    progress,
+    read_json,
+    save_torch_atomic,
+    seed_everything,
+    write_run_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +112,27 @@ def resume_config(config: TrainConfig) -> dict[str, Any]:
     return settings
 
 
-def finished_run(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The metrics of the finished run in ``out`` if there is one with this config; a different one is refused.
+RECORD = "run.json"  # the results file of a finished training run
 
-    Both runtimes write ``run.json`` only when a run is complete, so a rerun of a finished run reports
-    it instead of training again (from scratch or from a stale checkpoint).
-    """
-    record_path = out / "run.json"
-    if not record_path.exists():
-        return None
-    record = read_json(record_path)
-    saved = dict(record.get("config") or {})
-    saved.pop("checkpoint_every", None)
-    check_same_config(saved, resume_config(config), where=f"the finished run {str(record_path)!r}")
-    logger.info("%s holds a finished run with this config; reporting it (use a new output dir to train again)", out)
+
+def open_training_run(
+    config: TrainConfig, output_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> RunDirectory:
+    """The checked output directory of a training run: its config is :func:`resume_config`."""
+    return open_run(output_dir, config=resume_config(config), command="train", overwrite=overwrite)
+
+
+def finished_metrics(run: RunDirectory) -> dict[str, Any]:
+    """The metrics of the finished run in ``run``, marked ``already_finished`` (nothing is trained again)."""
+    record = run.results()
+    if record is None or not isinstance(record.get("metrics"), dict):
+        raise CorruptFileError(
+            run.path / RECORD,
+            "the run is marked finished but its record is missing or has no metrics; pass --overwrite to train again",
+        )
+    logger.info(
+        "%s holds a finished run with this config; reporting it (use a new output dir to train again)", run.path
+    )
     return {**record["metrics"], "already_finished": True}
 
 
@@ -119,14 +142,54 @@ def evaluate(model: torch.nn.Module, batches: TokenBatches, max_batches: int) ->
     return sum(losses) / max(1, len(losses))
 
 
-def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any]:
+def train_emulated(config: TrainConfig, output_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Train with the exact staleness emulator; resumes from ``output_dir/checkpoint.pt`` if present."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (finished := finished_run(out, config)) is not None:
-        return finished
+    run = open_training_run(config, output_dir, overwrite=overwrite)
+    if run.finished:
+        return finished_metrics(run)
+    return run_emulated(config, run)
+
+
+def _load_emulated_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """An emulated run's ``checkpoint.pt`` (tensors and plain containers only), checked against ``config``."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or not state.keys() >= {"emulator", "losses"}:
+        raise CorruptFileError(path, "expected a mapping with 'emulator' and 'losses' (an emulated-run checkpoint)")
+    check_same_config(state.get("config"), resume_config(config), where=f"checkpoint {str(path)!r}")
+    return state
+
+
+def _restore_emulated(path: Path, state: dict[str, Any], emulator: Any) -> list[float]:
+    """Put a checkpoint's state into ``emulator``; returns the losses so far."""
+    try:
+        emulator.load_state_dict(state["emulator"])
+        losses = [float(loss) for loss in state["losses"]]
+    except ValueError:  # a settings mismatch, already one line naming the keys
+        raise
+    except (KeyError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(path, f"its state does not fit this run ({reason})") from exc
+    if len(losses) != emulator.updates:
+        raise CorruptFileError(path, f"it holds {len(losses)} losses for {emulator.updates} updates")
+    return losses
+
+
+def run_emulated(config: TrainConfig, run: RunDirectory, prefix: str = "") -> dict[str, Any]:
+    """Train in ``run`` and write the record; returns the metrics.
+
+    With a ``prefix`` (the demo's ``adamw/``) the files are named ``prefix`` + name and the record is
+    one file of a larger run; without, the record finishes ``run``.
+
+    Everything that can refuse the config (data, checkpoint, model, emulator) is read or built before
+    ``run.begin()``, so a bad value leaves no directory behind.
+    """
     seed_everything(config.seed)
     train_batches, val_batches, data_info = make_batches(config)
+    checkpoint_name = f"{prefix}checkpoint.pt"
+    checkpoint = run.path / checkpoint_name
+    # read before the model is built: a corrupt checkpoint is reported in seconds (not when
+    # resuming: a fresh run has none, and begin() deletes an --overwrite'd one)
+    state = _load_emulated_checkpoint(checkpoint, config) if run.resuming and checkpoint.exists() else None
     delays = config.delays()
     model, emulator = build_emulator(
         config.model,
@@ -136,22 +199,19 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
         weight_stashing=config.weight_stashing,
         seed=config.seed,
     )
-    checkpoint = out / "checkpoint.pt"
     losses: list[float] = []
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        check_same_config(state.get("config"), resume_config(config), where=f"checkpoint {str(checkpoint)!r}")
-        emulator.load_state_dict(state["emulator"])
-        losses = state["losses"]
+    if state is not None:
+        losses = _restore_emulated(checkpoint, state, emulator)
         logger.info("resumed from %s after %d steps", checkpoint, emulator.updates)
+    run.begin()
+    resumed_from = emulator.updates or None
     start = time.perf_counter()
     for m in progress(range(emulator.updates, config.steps), desc=f"{config.optim.name} P={config.stages}"):
         losses.append(emulator.step(*train_batches.batch(m)))
         done = m + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"emulator": emulator.state_dict(), "losses": losses, "config": resume_config(config)}, tmp)
-            tmp.replace(checkpoint)
+            state = {"emulator": emulator.state_dict(), "losses": losses, "config": resume_config(config)}
+            save_torch_atomic(state, run.file(checkpoint_name))
     elapsed = time.perf_counter() - start
     model.eval()
     metrics = {
@@ -161,80 +221,167 @@ def train_emulated(config: TrainConfig, output_dir: str | Path) -> dict[str, Any
         "delays": list(delays),
         "seconds": elapsed,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "resumed_from_step": resumed_from,
     }
-    write_run_record(
-        out / "run.json",
-        config=config_to_dict(config),
-        metrics=metrics,
-        seed=config.seed,
-        extra={"data": data_info, "runtime": "emulated"},
-    )
-    checkpoint.unlink(missing_ok=True)
+    record = dict(metrics=metrics, config=config_to_dict(config), seed=config.seed)
+    extra = {"data": data_info, "runtime": "emulated"}
+    if prefix:
+        write_run_record(run.file(f"{prefix}{RECORD}"), extra=extra, package=TOOL, **record)
+    else:
+        run.finish(extra=extra, name=RECORD, **record)
+    checkpoint.unlink(missing_ok=True)  # after the record: a run killed in between is reported, not retrained
     return metrics
+
+
+CHECKPOINT_STEP_DIR = re.compile(r"step_(\d+)")  # as runtime.checkpoint_path names them
 
 
 def latest_complete_checkpoint(directory: Path, num_stages: int) -> int | None:
     """The largest step whose checkpoint has a file for every stage."""
     steps = []
     for step_dir in directory.glob("step_*"):
-        if all((step_dir / f"stage_{s}.pt").exists() for s in range(num_stages)):
-            steps.append(int(step_dir.name.split("_")[1]))
+        match = CHECKPOINT_STEP_DIR.fullmatch(step_dir.name)
+        if match and all((step_dir / f"stage_{s}.pt").is_file() for s in range(num_stages)):
+            steps.append(int(match[1]))
     return max(steps) if steps else None
 
 
-def train_distributed(config: TrainConfig, output_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
-    """Train with one process per stage (spawned here, or joined under torchrun / accelerate launch)."""
-    from basisrot_pipeline.runtime import (
-        PipelineJob,
-        checkpoint_settings_path,
-        final_weights_path,
-        launch_mode,
-        run_from_environment,
-        run_local,
-    )
+def distributed_files(config: TrainConfig) -> list[str]:
+    """Every file the stage processes of a run can write, relative to the output directory.
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = launch_mode()
-    reporting_rank = mode == "local" or int(os.environ["RANK"]) == config.stages - 1
-    if (finished := finished_run(out, config)) is not None:
-        return finished if reporting_rank else {}
-    seed_everything(config.seed)
-    train_batches, val_batches, data_info = make_batches(config)
-    checkpoints = out / "checkpoints"
-    job = PipelineJob(
+    The coordinator claims them all in the manifest before any stage process starts: the stage
+    processes write checkpoints and final weights, but only one process may write the manifest.
+    """
+    from basisrot_pipeline.runtime import LOSSES_NAME, checkpoint_path, checkpoint_settings_path, final_weights_path
+
+    root = Path("checkpoints")
+    names = []
+    if config.checkpoint_every:
+        for step in range(config.checkpoint_every, config.steps, config.checkpoint_every):
+            names.append(checkpoint_settings_path(root, step).as_posix())
+            names += [checkpoint_path(root, step, s).as_posix() for s in range(config.stages)]
+    names += [final_weights_path(Path(), s).as_posix() for s in range(config.stages)]
+    names.append(LOSSES_NAME)
+    return names
+
+
+def completed_stages(out: Path, config: TrainConfig) -> dict[int, float] | None:
+    """The losses of a run whose stage processes all finished (only the evaluation was left), or None.
+
+    The last stage writes ``losses.json`` only after every stage saved its final weights (a barrier
+    lies between), so a complete ``losses.json`` means the weights are all there.
+    """
+    from basisrot_pipeline.runtime import LOSSES_NAME, final_weights_path, read_losses
+
+    if not (out / LOSSES_NAME).is_file():
+        return None
+    losses, next_backward = read_losses(out / LOSSES_NAME)
+    if next_backward != config.steps or not all(final_weights_path(out, s).is_file() for s in range(config.stages)):
+        return None
+    return losses
+
+
+def assembled_model(config: TrainConfig, out: Path) -> GPT:
+    """The whole decoder, each stage loaded from ``final_weights/stage_{s}.pt``."""
+    from basisrot_pipeline.runtime import final_weights_path
+
+    torch.manual_seed(config.seed)
+    model = GPT(config.model)
+    for s, stage in enumerate(partition_model(model, config.stages)):
+        path = final_weights_path(out, s)
+        weights = load_torch(path, map_location="cpu")
+        try:
+            stage.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(path, f"not the weights of stage {s} of this model ({reason})") from exc
+    model.eval()
+    return model
+
+
+def pipeline_job(
+    config: TrainConfig,
+    batches: TokenBatches,
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    resume_step: int | None = None,
+    device: str = "cpu",
+) -> Any:
+    """The :class:`~basisrot_pipeline.runtime.PipelineJob` of a distributed training run."""
+    from basisrot_pipeline.runtime import PipelineJob
+
+    return PipelineJob(
         model=config.model,
         optim=config.optim,
         num_stages=config.stages,
         steps=config.steps,
-        batches=train_batches,
+        batches=batches,
         seed=config.seed,
         weight_stashing=config.weight_stashing,
-        checkpoint_dir=str(checkpoints),
+        checkpoint_dir=str(checkpoint_dir),
         checkpoint_every=config.checkpoint_every,
-        resume_step=latest_complete_checkpoint(checkpoints, config.stages),
+        resume_step=resume_step,
         device=device,
         run_config=resume_config(config),
     )
+
+
+def train_distributed(
+    config: TrainConfig, output_dir: str | Path, device: str = "cpu", *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train with one process per stage (spawned here, or joined under torchrun / accelerate launch).
+
+    Only the coordinator (this process when it spawns the stages, rank 0 under a launcher) creates
+    the output directory, claims its files and writes the record; the other ranks only check it.
+    """
+    from basisrot_pipeline.runtime import (
+        LOSSES_NAME,
+        checkpoint_settings_path,
+        launch_mode,
+        read_losses,
+        run_from_environment,
+        run_local,
+    )
+
+    mode = launch_mode()
+    coordinator = mode == "local" or int(os.environ["RANK"]) == 0
+    run = open_training_run(config, output_dir, overwrite=overwrite)
+    if run.finished:
+        return finished_metrics(run) if coordinator else {}
+    seed_everything(config.seed)
+    train_batches, val_batches, data_info = make_batches(config)
+    checkpoints = run.path / "checkpoints"
+    # decided from the directory as it is before the coordinator's begin() (which deletes an
+    # --overwrite'd run), so every rank of a launcher's group makes the same decision
+    finished_stages = completed_stages(run.path, config) if run.resuming else None
+    resume_step = None
+    if run.resuming and finished_stages is None:
+        resume_step = latest_complete_checkpoint(checkpoints, config.stages)
+    job = pipeline_job(config, train_batches, checkpoints, resume_step=resume_step, device=device)
     if job.resume_step is not None:  # refuse here, before any worker starts, with the differing keys
         settings_file = checkpoint_settings_path(checkpoints, job.resume_step)
         saved = read_json(settings_file) if settings_file.exists() else None
         where = f"the checkpoint at step {job.resume_step} ({str(settings_file.parent)!r})"
         check_same_config(saved, job.settings(), where=where)  # each worker checks its own file again
+    if coordinator:
+        run.begin()
+        run.claim(distributed_files(config))
     start = time.perf_counter()
-    if mode == "process-group":
-        losses = run_from_environment(job, out)
-        if not reporting_rank:
-            return {}
+    if finished_stages is not None:
+        losses = finished_stages
+    elif mode == "process-group":
+        run_from_environment(job, run.path)
+        if coordinator:
+            losses, _ = read_losses(run.path / LOSSES_NAME)
     else:
-        losses = run_local(job, out)
+        losses = run_local(job, run.path)
+    if not coordinator:
+        return {}
     seconds = time.perf_counter() - start
     # the validation loss of the assembled model, from the stages' final weights (all on disk by now)
-    torch.manual_seed(config.seed)
-    model = GPT(config.model)
-    for s, stage in enumerate(partition_model(model, config.stages)):
-        stage.load_state_dict(torch.load(final_weights_path(out, s), map_location="cpu", weights_only=True))
-    model.eval()
+    model = assembled_model(config, run.path)
+    if finished_stages is not None:  # logged once the weights loaded: a refused file is the only line
+        logger.info("the stages of %s had all finished; evaluating the assembled model", run.path)
     ordered = [losses[m] for m in sorted(losses)]
     metrics = {
         "train_losses": ordered,
@@ -243,19 +390,20 @@ def train_distributed(config: TrainConfig, output_dir: str | Path, device: str =
         "delays": list(config.delays()),
         "seconds": seconds,
         "num_params": sum(p.numel() for p in model.parameters()),
-        "resumed_from_step": job.resume_step,
+        "resumed_from_step": config.steps if finished_stages is not None else job.resume_step,
     }
-    write_run_record(
-        out / "run.json",
-        config=config_to_dict(config),
+    run.finish(
         metrics=metrics,
+        config=config_to_dict(config),
         seed=config.seed,
         extra={"data": data_info, "runtime": "distributed"},
+        name=RECORD,
     )
     return metrics
 
 
-def train(config: TrainConfig, output_dir: str | Path) -> dict[str, Any]:
+def train(config: TrainConfig, output_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``config`` in ``output_dir`` (a rerun resumes it, or reports it once finished)."""
     if config.runtime == "emulated":
-        return train_emulated(config, output_dir)
-    return train_distributed(config, output_dir)
+        return train_emulated(config, output_dir, overwrite=overwrite)
+    return train_distributed(config, output_dir, overwrite=overwrite)

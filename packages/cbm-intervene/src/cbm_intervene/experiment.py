@@ -19,7 +19,7 @@ from torch import nn
 from cbm_intervene.data.predictions import ConceptPredictions
 from cbm_intervene.intervention import InterventionConfig, get_criterion, run_intervention
 from cbm_intervene.metrics import mean_std, summarize
-from shin_common import JsonlStore, to_jsonable
+from shin_common import JsonlStore, provenance, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def evaluate_grid(
     a key made of the cell, the intervention config, the seeds and ``run_tag``; a rerun after an
     interruption reuses finished cells instead of redoing them. ``run_tag`` must identify the
     inputs' *content* (the CLI passes the predictions files' paths and sha256 digests): a key with
-    paths only would serve stale cells after a file is rewritten.
+    paths only would serve stale cells after a file is rewritten. Every stored line carries the
+    provenance of the code that computed it (cbm-intervene's version and git revision).
     """
     if not models:
         raise ValueError("evaluate_grid needs at least one (predictions, target model) pair")
@@ -55,6 +56,7 @@ def evaluate_grid(
         get_criterion(name)
     curves: dict[str, dict[str, Any]] = {}
     summary: dict[str, dict[str, Any]] = {}
+    cell_provenance: dict[str, Any] | None = None  # taken once: it runs git
     for level in levels:
         curves[level], summary[level] = {}, {}
         for name in criteria:
@@ -91,7 +93,9 @@ def evaluate_grid(
                 "%s %s: error %.4f -> %.4f (%d runs)", level, config.criterion, error_mean[0], error_mean[-1], len(runs)
             )
             if store is not None:
-                store.append(key, {"curve": curves[level][config.criterion]})
+                if cell_provenance is None:
+                    cell_provenance = provenance(package="cbm-intervene")
+                store.append(key, {"curve": curves[level][config.criterion], "provenance": cell_provenance})
         reference = curves[level].get(ORACLE)
         for name, curve in curves[level].items():
             x = np.asarray(curve["concepts_per_sample"])

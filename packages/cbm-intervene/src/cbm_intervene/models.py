@@ -9,7 +9,9 @@ by Shin et al. (ICML 2023, Sec. 4.3):
 - JNT+P: joint, but f reads the sigmoid probabilities (a probability bottleneck).
 
 Each stage stops early on its validation loss and keeps the best weights; with ``checkpoint_dir``
-the best state of every stage is saved to disk.
+the best state of every stage is saved to disk, and about every second a progress file
+(``<stage>.progress.pt``: weights, optimizer and random generator states, early-stopping counters)
+from which ``train_cbm(..., resume=True)`` continues an interrupted run exactly where it stopped.
 
 g is an MLP by default; pass any ``nn.Module`` mapping ``(B, D)`` features to ``(B, K)`` concept
 logits as ``concept_model`` (and any module mapping ``(B, K)`` to ``(B, M)`` class logits as
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cbm_intervene.data.core import ConceptDataset
+from shin_common import CorruptFileError, load_torch, save_torch_atomic
 
 if TYPE_CHECKING:
     from cbm_intervene.data.predictions import ConceptPredictions
@@ -190,6 +196,26 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
+PROGRESS_SUFFIX = ".progress.pt"
+#: Seconds between saves of a stage's progress file (and best checkpoint) during training.
+PROGRESS_SECONDS = 1.0
+
+
+def stage_names(strategy: str) -> tuple[str, ...]:
+    """The training stages of ``strategy``, as named in checkpoint files (``<stage>.pt``)."""
+    return ("concept_model", "target_model") if strategy in ("IND", "SEQ") else ("joint_model",)
+
+
+def checkpoint_files(strategy: str) -> list[str]:
+    """Every file ``train_cbm(..., checkpoint_dir=)`` writes there for ``strategy`` (relative names)."""
+    stages = stage_names(strategy)
+    return [*(f"{s}.pt" for s in stages), *(f"{s}{PROGRESS_SUFFIX}" for s in stages), "cbm.pt"]
+
+
+def _config_fingerprint(config: TrainConfig) -> str:
+    return json.dumps(asdict(config), sort_keys=True)
+
+
 def fit(
     module: nn.Module,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -199,13 +225,42 @@ def fit(
     *,
     name: str,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> list[float]:
     """Adam on mini-batches of ``range(n_train)``; stop after ``patience`` epochs without a better
-    validation loss and restore the best weights. Returns the validation losses per epoch."""
+    validation loss and restore the best weights. Returns the validation losses per epoch.
+
+    With ``checkpoint_dir``, the best weights so far go to ``<name>.pt`` and the whole training
+    state to ``<name>.progress.pt`` (both written atomically) after the first epoch, then at most
+    every :data:`PROGRESS_SECONDS` and when the stage ends. With ``resume`` too, a progress file
+    left there by an interrupted run of the same ``config`` is continued: the result is the one an
+    uninterrupted run gives.
+    """
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     best, best_state, since_best, history = float("inf"), copy.deepcopy(module.state_dict()), 0, []
-    for epoch in range(config.max_epochs):
+    best_epoch: int | None = None
+    start = 0
+    progress = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}{PROGRESS_SUFFIX}"
+    if resume and progress is not None and progress.is_file():
+        state = _read_progress(progress, config)
+        try:
+            module.load_state_dict(state["module"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            best, best_state, best_epoch = float(state["best"]), state["best_state"], state["best_epoch"]
+            since_best, history = int(state["since_best"]), [float(v) for v in state["history"]]
+            start, done = int(state["epoch"]) + 1, bool(state["done"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CorruptFileError(progress, f"not a training state of this {name} ({exc})") from None
+        log.info("%s: resuming after epoch %d from %s", name, start, progress)
+        if done:
+            module.load_state_dict(best_state)
+            module.eval()
+            return history
+    saved_at, best_saved = -math.inf, best_epoch
+    for epoch in range(start, config.max_epochs):
         module.train()
         for index in _batches(n_train, config.batch_size, generator):
             optimizer.zero_grad()
@@ -215,20 +270,58 @@ def fit(
         with torch.no_grad():
             val = float(val_loss_fn())
         history.append(val)
+        stop = False
         if val < best - 1e-6:
-            best, best_state, since_best = val, copy.deepcopy(module.state_dict()), 0
-            if checkpoint_dir is not None:
-                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-                torch.save(
-                    {"state_dict": best_state, "epoch": epoch, "val_loss": val}, Path(checkpoint_dir) / f"{name}.pt"
-                )
+            best, best_state, best_epoch, since_best = val, copy.deepcopy(module.state_dict()), epoch, 0
         else:
             since_best += 1
-            if since_best >= config.patience:
-                break
+            stop = since_best >= config.patience
+        done = stop or epoch == config.max_epochs - 1
+        # Saving every epoch (two fsynced files) would cost more than a small epoch itself; an
+        # interrupted run loses at most PROGRESS_SECONDS of training.
+        if progress is not None and (done or time.monotonic() - saved_at >= PROGRESS_SECONDS):
+            if best_epoch is not None and best_epoch != best_saved:
+                save_torch_atomic(
+                    {"state_dict": best_state, "epoch": best_epoch, "val_loss": best}, progress.with_name(f"{name}.pt")
+                )
+                best_saved = best_epoch
+            # after the best checkpoint: a run killed in between redoes these epochs, identically
+            save_torch_atomic(
+                {
+                    "format": "cbm-intervene-progress/1",
+                    "config": _config_fingerprint(config),
+                    "epoch": epoch,
+                    "done": done,
+                    "module": module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "since_best": since_best,
+                    "history": history,
+                },
+                progress,
+            )
+            saved_at = time.monotonic()
+        if stop:
+            break
     module.load_state_dict(best_state)
     log.info("%s: %d epochs, best validation loss %.4f", name, len(history), best)
     return history
+
+
+def _read_progress(path: Path, config: TrainConfig) -> dict[str, Any]:
+    state = load_torch(path, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != "cbm-intervene-progress/1":
+        raise CorruptFileError(path, "not a cbm-intervene training progress file")
+    if state.get("config") != _config_fingerprint(config):
+        raise ValueError(
+            f"training progress file {str(path)!r} belongs to another training config; "
+            "delete it or train without resume"
+        )
+    return state
 
 
 def check_module_widths(
@@ -280,8 +373,14 @@ def train_cbm(
     concept_model: nn.Module | None = None,
     target_model: nn.Module | None = None,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainedCBM:
     """Train g and f on ``data`` (which needs features and train/val splits) with ``config.strategy``.
+
+    ``checkpoint_dir``: where each stage's best weights, its progress file and the final
+    ``cbm.pt`` go (see :func:`checkpoint_files`). ``resume``: continue from the progress files a
+    run of the same data and ``config`` left there when it was interrupted (stages it finished are
+    not trained again).
 
     ``concept_model``: your own g, any module mapping ``(B, D)`` features to ``(B, K)`` concept logits
     (default: an MLP with ``config.concept_hidden``). ``target_model``: your own f, any module mapping
@@ -341,6 +440,7 @@ def train_cbm(
             config,
             name="concept_model",
             checkpoint_dir=ckpt,
+            resume=resume,
         )
         g.eval()
         if config.strategy == "IND":
@@ -356,6 +456,7 @@ def train_cbm(
             config,
             name="target_model",
             checkpoint_dir=ckpt,
+            resume=resume,
         )
     else:
         lam = config.concept_loss_weight
@@ -374,6 +475,7 @@ def train_cbm(
             config,
             name="joint_model",
             checkpoint_dir=ckpt,
+            resume=resume,
         )
     model.eval()
     trained = TrainedCBM(model=model, config=config, target_spec=spec, history=history, concept_sizes=concept_sizes)
@@ -403,11 +505,10 @@ def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:
     :func:`load_cbm` needs an instance of the same architecture to fill.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     concept_sizes = trained.concept_sizes
     if concept_sizes is None:  # a TrainedCBM built by hand around the package's MLP g is rebuildable too
         concept_sizes = mlp_sizes(trained.model.concept_model)
-    torch.save(
+    save_torch_atomic(
         {
             "format": "cbm-intervene-cbm/2",
             "config": asdict(trained.config),
@@ -444,18 +545,23 @@ def load_cbm(
     """
     path = Path(path)
     # both formats hold only tensors, state_dicts and plain containers: no arbitrary unpickling needed
-    blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    spec = None if blob.get("target_spec") is None else TargetModelSpec(**blob["target_spec"])
-    sizes = blob.get("concept_sizes")
-    if "concept_state_dict" not in blob:  # first format: one state_dict of the whole CBM
-        prefixes = {"concept_model.": {}, "target_model.": {}}
-        for key, value in blob["state_dict"].items():
-            for prefix, part in prefixes.items():
-                if key.startswith(prefix):
-                    part[key[len(prefix) :]] = value
-        concept_state, target_state = prefixes["concept_model."], prefixes["target_model."]
-    else:
-        concept_state, target_state = blob["concept_state_dict"], blob["target_state_dict"]
+    blob = load_torch(path, map_location="cpu")
+    try:
+        spec = None if blob.get("target_spec") is None else TargetModelSpec(**blob["target_spec"])
+        sizes = blob.get("concept_sizes")
+        if "concept_state_dict" not in blob:  # first format: one state_dict of the whole CBM
+            prefixes: dict[str, dict[str, torch.Tensor]] = {"concept_model.": {}, "target_model.": {}}
+            for key, value in blob["state_dict"].items():
+                for prefix, part in prefixes.items():
+                    if key.startswith(prefix):
+                        part[key[len(prefix) :]] = value
+            concept_state, target_state = prefixes["concept_model."], prefixes["target_model."]
+        else:
+            concept_state, target_state = blob["concept_state_dict"], blob["target_state_dict"]
+        kind, config, history = blob["kind"], TrainConfig(**blob["config"]), blob["history"]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # a file torch can read that is not a CBM checkpoint (another tool's, or edited by hand)
+        raise CorruptFileError(path, f"not a cbm-intervene CBM checkpoint ({type(exc).__name__}: {exc})") from None
     if concept_model is None:
         if sizes is None:
             raise ValueError(
@@ -472,12 +578,12 @@ def load_cbm(
         target_model = spec.build()
     _fill(concept_model, concept_state, "concept_model", path)
     _fill(target_model, target_state, "target_model", path)
-    model = ConceptBottleneckModel(concept_model, target_model, blob["kind"])
+    model = ConceptBottleneckModel(concept_model, target_model, kind)
     model.eval()
     return TrainedCBM(
         model=model,
-        config=TrainConfig(**blob["config"]),
+        config=config,
         target_spec=spec,
-        history=blob["history"],
+        history=history,
         concept_sizes=None if sizes is None else list(sizes),
     )

@@ -9,12 +9,40 @@ Reconstruction Error Minimization" (EMNLP 2024, arXiv 2406.15524).
 
 __version__ = "0.1.0"
 
-from recon_prune.calibration import CalibrationData, build_calibration, generate_self_calibration
-from recon_prune.config import PruneConfig, ReconstructionHParams, parse_pattern
-from recon_prune.driver import PruneReport, prune
-from recon_prune.evaluate import perplexity, sparsity_report
-from recon_prune.model_adapter import UnsupportedModelError, find_decoder_blocks, find_linears
-from recon_prune.sparsegpt import SparseGPT
+# Names are imported on first use (PEP 562), so the console script can refuse a bad argument or
+# output directory in a fraction of a second instead of first importing torch and transformers.
+_EXPORTS = {
+    "CalibrationData": "recon_prune.calibration",
+    "build_calibration": "recon_prune.calibration",
+    "generate_self_calibration": "recon_prune.calibration",
+    "PruneConfig": "recon_prune.config",
+    "ReconstructionHParams": "recon_prune.config",
+    "parse_pattern": "recon_prune.config",
+    "PruneReport": "recon_prune.driver",
+    "prune": "recon_prune.driver",
+    "perplexity": "recon_prune.evaluate",
+    "sparsity_report": "recon_prune.evaluate",
+    "UnsupportedModelError": "recon_prune.model_adapter",
+    "find_decoder_blocks": "recon_prune.model_adapter",
+    "find_linears": "recon_prune.model_adapter",
+    "SparseGPT": "recon_prune.sparsegpt",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'recon_prune' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "CalibrationData",

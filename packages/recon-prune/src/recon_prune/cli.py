@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,19 @@ from typing import Any
 
 from recon_prune import __version__
 from recon_prune.config import METHODS, PRESETS, RECONSTRUCTIONS, PruneConfig
-from shin_common import ConfigError, load_config, setup_logging, write_run_record
+from recon_prune.model_source import resolve_model_source
+from recon_prune.outputs import TOOL, check_output_file
+from shin_common import (
+    CorruptFileError,
+    RunDirectory,
+    check_output_path,
+    config_to_dict,
+    load_config,
+    load_json,
+    require_extra,
+    run_command,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="prune a causal LM and save it with masks and a results JSON")
     _add_prune_options(prune)
     prune.add_argument("--output-dir", type=Path, required=True, help="where the pruned model and results go")
-    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    prune.add_argument(
+        "--overwrite", action="store_true", help="replace the run in the output directory (only the files it wrote)"
+    )
     prune.add_argument("--checkpoint-dir", type=Path, help="resume a killed run from here (per-block checkpoints)")
     prune.add_argument(
         "--eval", default="stdlib", help="held-out text for perplexity: stdlib, wikitext2, c4, file:PATH or none"
@@ -111,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="prune stdlib-tiny to 50%% with SparseGPT and Wanda under none/LR/BR/BR+GP/BR+GP+CR"
     )
     demo.add_argument("--output-dir", type=Path, required=True, help="where the table, results JSON and plot go")
-    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace the run in the output directory (only the files it wrote)"
+    )
     demo.add_argument("--model", default="stdlib-tiny", help=argparse.SUPPRESS)
     demo.add_argument("--nsamples", type=int, default=32, help="calibration samples (default: 32)")
     demo.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default: 256)")
@@ -210,13 +225,79 @@ def _calibration_seq_len(model: Any, config: PruneConfig) -> int:
     return seq_len
 
 
+def _check_count(value: int | None, flag: str) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{flag} must be 0 or a positive integer, got {value}")
+
+
+def _check_checkpoint_dir(path: Path | None, output_dir: Path) -> None:
+    """A usable --checkpoint-dir whose state (if any) reads, checked before the model is loaded."""
+    if path is None:
+        return
+    target = check_output_path(path)
+    if target == output_dir.expanduser().resolve() or target.is_relative_to(output_dir.expanduser().resolve()):
+        # The output directory holds only files of its run: checkpoints there would block the rerun.
+        raise ValueError(
+            f"--checkpoint-dir {str(path)!r} lies inside --output-dir {str(output_dir)!r}; choose a directory outside it"
+        )
+    state_file = target / "state.json"
+    if state_file.is_file() and not isinstance(load_json(state_file), dict):
+        raise CorruptFileError(state_file, "expected a JSON object")
+
+
+def _prune_identity(args: argparse.Namespace, config: PruneConfig, model: str) -> dict[str, Any]:
+    """What makes two prune runs the same run (not where their outputs or checkpoints go)."""
+    return {
+        "model": model,
+        "prune": config_to_dict(config),
+        "calibration": args.calibration,
+        "self_generated": args.self_generated,
+        "eval": args.eval,
+        "eval_chunks": args.eval_chunks,
+        "eval_seq_len": args.eval_seq_len,
+    }
+
+
+def _report_finished(run: RunDirectory, command: str) -> int:
+    """Print the results of the finished run already in the output directory (nothing is recomputed)."""
+    metrics = (run.results() or {}).get("metrics", {})
+    print(f"{run.given} already holds this finished {command} run; pass --overwrite to run it again")
+    if command == "prune":
+        for key in ("dense", "pruned"):
+            if isinstance(metrics.get(key), dict) and "perplexity" in metrics[key]:
+                print(f"{key} perplexity ({metrics[key].get('dataset')}): {metrics[key]['perplexity']:.3f}")
+        if "sparsity" in metrics:
+            print(f"sparsity {metrics['sparsity']:.4f}; final-block error {metrics.get('final_block_error')}")
+    else:
+        table = run.path / "demo_table.md"
+        print(table.read_text(encoding="utf-8") if table.is_file() else json.dumps(metrics, indent=2))
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked first, the output directory
+    # included, so a bad value costs a second rather than a model load and a pruning run.
+    config = _config_from_args(args)  # also checks that the devices exist
+    _check_count(args.self_generated, "--self-generated")
+    _positive(args.eval_chunks, "--eval-chunks")
+    if args.eval_seq_len is not None and args.eval_seq_len < 2:
+        raise ValueError(f"--eval-seq-len must be at least 2 tokens, got {args.eval_seq_len}")
+    model_source = resolve_model_source(args.model)
+    _check_checkpoint_dir(args.checkpoint_dir, args.output_dir)
+    run = RunDirectory(
+        args.output_dir,
+        tool=TOOL,
+        config=_prune_identity(args, config, model_source),
+        overwrite=args.overwrite,
+        command="prune",
+    )
+    if run.finished:
+        return _report_finished(run, "prune")
+
     from recon_prune.calibration import build_calibration
     from recon_prune.driver import check_model_and_calibration, check_structure, prune
-    from recon_prune.outputs import check_output_dir, save_pruned, staged_output
+    from recon_prune.outputs import save_pruned
 
-    target = check_output_dir(args.output_dir, args.overwrite)
-    config = _config_from_args(args)  # also checks that the devices exist
     model, tokenizer = _load(args.model)
     check_structure(model, config)  # unsupported model or N:M mismatch: fail before any work
     seq_len = _calibration_seq_len(model, config)
@@ -251,15 +332,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"pruned perplexity ({args.eval}): {metrics['pruned']['perplexity']:.3f}")
     metrics["final_block_error"] = report.final_block_error
     metrics["sparsity"] = report.sparsity["overall"]
-    with staged_output(target) as staging:
-        save_pruned(staging, model, tokenizer, report, metrics=metrics, config=config, seed=config.seed)
+    save_pruned(run, model, tokenizer, report, metrics=metrics, config=config, seed=config.seed)
     print(
-        f"sparsity {report.sparsity['overall']:.4f}; final-block error {report.final_block_error:.4g}; saved to {target}"
+        f"sparsity {report.sparsity['overall']:.4f}; final-block error {report.final_block_error:.4g}; "
+        f"saved to {args.output_dir}"
     )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if tasks:  # before the model is loaded and perplexity computed, not after
+        require_extra("lm_eval", install="recon-prune[lm-eval]", purpose="--tasks")
+    _positive(args.max_chunks, "--max-chunks")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
+    if args.output is not None:
+        check_output_file(args.output, "--output")
+    resolve_model_source(args.model)
+
     from recon_prune.evaluate import sparsity_report, zero_shot
 
     model, tokenizer = _load(args.model)
@@ -268,43 +359,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     result: dict[str, Any] = {"perplexity": _heldout_ppl(model, tokenizer, args.dataset, seq_len, max_chunks)}
     result["sparsity"] = sparsity_report(model)
-    if args.tasks:
-        result["zero_shot"] = zero_shot(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()])
+    if tasks:
+        result["zero_shot"] = zero_shot(model, tokenizer, tasks)
     print(
         f"{args.model}: perplexity {result['perplexity']['perplexity']:.4f} on {args.dataset} "
         f"({result['perplexity']['chunks']} chunks of {seq_len}); sparsity {result['sparsity']['overall']:.4f}"
     )
     if args.output is not None:
-        write_run_record(args.output, config=vars(args), metrics=result)
+        config = {k: v for k, v in vars(args).items() if k not in ("debug", "output")}
+        write_run_record(args.output, config=config, metrics=result, package=TOOL)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from recon_prune.calibration import decode, generate_self_calibration
-
+    check_output_file(args.output, "--output")  # a directory is refused even with --overwrite
     if args.output.exists() and not args.overwrite:
         raise ValueError(f"output file {str(args.output)!r} exists; pass --overwrite to replace it")
     if args.count < 1 or args.seq_len < 6:
         raise ValueError(f"need --count >= 1 and --seq-len >= 6, got {args.count} and {args.seq_len}")
+    resolve_model_source(args.model)
+
+    from recon_prune.calibration import decode, generate_self_calibration
+    from recon_prune.outputs import write_text_atomic
+
     model, tokenizer = _load(args.model)
     ids = generate_self_calibration(model, tokenizer, args.count, args.seq_len, seed=args.seed)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in ids.tolist():
-            handle.write(json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n")
-    tmp.replace(args.output)
+    lines = [json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n" for row in ids.tolist()]
+    write_text_atomic(args.output, "".join(lines))
     print(f"wrote {args.count} self-generated sequences of {args.seq_len} tokens to {args.output}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _positive(args.nsamples, "--nsamples")
+    _positive(args.eval_chunks, "--eval-chunks")
+    _check_count(args.self_generated, "--self-generated")
+    minimum = 6 if args.self_generated else 2  # self-generated text starts from a 5-token prefix
+    if args.seq_len < minimum:
+        raise ValueError(f"--seq-len must be at least {minimum} tokens, got {args.seq_len}")
+    model_source = resolve_model_source(args.model)
+    identity = {
+        "model": model_source,
+        "nsamples": args.nsamples,
+        "seq_len": args.seq_len,
+        "eval_chunks": args.eval_chunks,
+        "self_generated": args.self_generated,
+    }
+    run = RunDirectory(args.output_dir, tool=TOOL, config=identity, overwrite=args.overwrite, command="demo")
+    if run.finished:
+        return _report_finished(run, "demo")
+
     from recon_prune.calibration import build_calibration
     from recon_prune.driver import prune
     from recon_prune.evaluate import default_eval_seq_len
-    from recon_prune.outputs import check_output_dir, plot_block_errors, staged_output
+    from recon_prune.outputs import PACKAGES, plot_into_run, write_text_atomic
 
-    target = check_output_dir(args.output_dir, args.overwrite)
     started = time.perf_counter()
     model, tokenizer = _load(args.model)
     print(f"model ready after {time.perf_counter() - started:.0f} s")
@@ -364,28 +473,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     table = "\n".join(lines)
     print()
     print(table)
-    with staged_output(target) as staging:
-        (staging / "demo_table.md").write_text(table + "\n", encoding="utf-8")
-        write_run_record(
-            staging / "results.json",
-            config=vars(args) | {"output_dir": str(args.output_dir)},
-            metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},
-        )
-        plot_block_errors(errors, staging / "error_per_block.png", title="stdlib-tiny, 50% sparsity")
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; results in {target}")
+    run.begin()
+    write_text_atomic(run.file("demo_table.md"), table + "\n")
+    plot_into_run(run, errors, title="stdlib-tiny, 50% sparsity")
+    run.finish(
+        metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},
+        config=identity | {"output_dir": str(args.output_dir)},
+        seed=0,
+        packages=PACKAGES,
+    )
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; results in {args.output_dir}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {"prune": cmd_prune, "eval": cmd_eval, "generate-calibration": cmd_generate, "demo": cmd_demo}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, ConfigError, OSError) as exc:
-        print(f"recon-prune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    # A prune run with --checkpoint-dir continues where it stopped when rerun; only then does the
+    # Ctrl-C line say so (the runner reads this set when the interrupt arrives).
+    resumable: set[str] = set()
+
+    def prune_command(args: argparse.Namespace) -> int:
+        if args.checkpoint_dir is not None:
+            resumable.add("prune")
+        return cmd_prune(args)
+
+    handlers = {"prune": prune_command, "eval": cmd_eval, "generate-calibration": cmd_generate, "demo": cmd_demo}
+    return run_command(build_parser(), handlers, argv, resumable=resumable)

@@ -66,13 +66,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 def check_device(name: object, field_name: str = "device", *, allow_auto: bool = True) -> None:
     """Raise ValueError unless ``name`` parses as a torch device that exists on this machine."""
-    import torch
-
     examples = "'auto', 'cpu', 'cuda' or 'cuda:1'" if allow_auto else "'cpu', 'cuda' or 'cuda:1'"
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{field_name} must be a device string such as {examples}, got {name!r}")
-    if allow_auto and name == "auto":
+    if (allow_auto and name == "auto") or name == "cpu":  # the defaults: valid without importing torch
         return
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:

@@ -56,7 +56,15 @@ from recon_prune.model_adapter import (
 )
 from recon_prune.reconstruct import apply_mask, bake_masks, mse, train_blocks
 from recon_prune.sparsegpt import SparseGPT
-from shin_common import config_to_dict, progress, read_json, write_json_atomic
+from shin_common import (
+    CorruptFileError,
+    config_to_dict,
+    load_json,
+    load_torch,
+    progress,
+    save_torch_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +241,10 @@ class _Checkpoint:
     rename, so after a power loss the committed state never refers to a truncated or missing file.
     """
 
-    # block_<index>.step<step>.pt and buffers.step<step>.pt, and their temporaries of a killed save
-    OWN_FILE = re.compile(r"^(?P<tmp>\.)?(?:block_\d+|buffers)\.step\d+\.pt(?(tmp)\.tmp)$")
+    # block_<index>.step<step>.pt and buffers.step<step>.pt, and the temporaries a killed save left:
+    # ".NAME.<hex>.tmp" (shin-common's atomic save) or ".NAME.tmp" (older recon-prune)
+    OWN_FILE = re.compile(r"^(?P<tmp>\.)?(?:block_\d+|buffers)\.step\d+\.pt(?(tmp)(?:\.[0-9a-f]{8})?\.tmp)$")
+    COMMITTED_FILE = re.compile(r"^(?:block_\d+|buffers)\.step\d+\.pt$")
 
     def __init__(self, directory: str | os.PathLike[str], fingerprint: str) -> None:
         self.dir = Path(directory)
@@ -252,19 +262,15 @@ class _Checkpoint:
             os.close(fd)
 
     def _save(self, name: str, obj: Any) -> None:
-        target = self.dir / name
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        save_torch_atomic(obj, self.dir / name)  # fsynced temporary, then renamed
 
     def load(self) -> dict[str, Any] | None:
         state_file = self.dir / "state.json"
         if not state_file.is_file():
             return None
-        state = read_json(state_file)
+        state = load_json(state_file)
+        if not isinstance(state, dict):
+            raise CorruptFileError(state_file, "expected a JSON object")
         # The format first: an older checkpoint's fingerprint never matches (it lacks the weights digest).
         if "block_files" not in state or "buffers_file" not in state:
             raise ValueError(
@@ -276,11 +282,14 @@ class _Checkpoint:
                 f"checkpoint directory {str(self.dir)!r} belongs to a different run (other model weights, "
                 "calibration or config); use a new directory or delete it"
             )
-        self.block_files = {int(index): name for index, name in state["block_files"].items()}
-        state["buffers"] = torch.load(self.dir / state["buffers_file"], weights_only=True)
+        self.block_files, buffers_file = _checked_state(state_file, state)
+        # Only tensors and plain containers are unpickled: a crafted file here cannot run code.
+        state["buffers"] = _checked_file(self.dir / buffers_file, ("sparse_in", "dense_in"))
         state["block_states"] = {
-            index: torch.load(self.dir / name, weights_only=True) for index, name in sorted(self.block_files.items())
+            index: _checked_file(self.dir / name, ("weights", "masks"))
+            for index, name in sorted(self.block_files.items())
         }
+        state["block_paths"] = {index: self.dir / name for index, name in self.block_files.items()}
         return state
 
     def save(
@@ -312,6 +321,32 @@ class _Checkpoint:
         for old in self.dir.iterdir():
             if self.OWN_FILE.match(old.name) and old.name not in owned:
                 old.unlink(missing_ok=True)
+
+
+def _checked_state(state_file: Path, state: dict[str, Any]) -> tuple[dict[int, str], str]:
+    """The block files and the buffers file a checkpoint's ``state.json`` lists, or a one-line error."""
+    try:
+        block_files = {int(index): name for index, name in state["block_files"].items()}
+        buffers_file = state["buffers_file"]
+        int(state["next_block"])
+        missing = [key for key in ("block_errors", "reconstruction") if key not in state["report"]]
+        if missing:
+            raise KeyError(f"report.{missing[0]}")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(state_file, f"not a recon-prune checkpoint state ({type(exc).__name__}: {exc})") from exc
+    for name in (*block_files.values(), buffers_file):
+        # A listed name is opened in the checkpoint directory: nothing else (no path) is accepted.
+        if not isinstance(name, str) or not _Checkpoint.COMMITTED_FILE.match(name):
+            raise CorruptFileError(state_file, f"lists {name!r}, which is not a checkpoint file name")
+    return block_files, buffers_file
+
+
+def _checked_file(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A checkpoint file loaded without running code, checked to hold what recon-prune saved there."""
+    content = load_torch(path, map_location=None)  # tensors return to the device they were saved from
+    if not isinstance(content, dict) or any(key not in content for key in keys):
+        raise CorruptFileError(path, f"expected a mapping with {', '.join(map(repr, keys))}")
+    return content
 
 
 def _weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
@@ -391,7 +426,13 @@ def _restore(
     for index, state in saved["block_states"].items():
         if has_window and index == start - 1:  # the provisional block is kept in float32
             blocks[index].to(torch.float32)
-        blocks[index].load_state_dict(state["weights"])
+        try:
+            blocks[index].load_state_dict(state["weights"])
+        except RuntimeError as exc:  # same fingerprint, so only a tampered or foreign file gets here
+            reason = " ".join(str(exc).split())[:300]
+            raise CorruptFileError(
+                saved["block_paths"][index], f"its weights do not fit block {index} ({reason})"
+            ) from exc
         report.masks.update(state["masks"])
     buffers = saved["buffers"]
     for key in ("block_errors", "reconstruction"):

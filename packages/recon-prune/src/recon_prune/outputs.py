@@ -1,74 +1,74 @@
 """Writing results: the pruned model, its masks, a results JSON with provenance, and a plot.
 
-Output directories are filled in a sibling staging directory and moved into place only when
-everything is written, so a failed run leaves nothing half-written.
+Output directories follow the toolkit's run contract (``shin_common.RunDirectory``,
+docs/run-contract.md): every file is recorded in the directory's manifest before it is written,
+``results.json`` is written last and marks the run finished, and ``--overwrite`` deletes only the
+files a previous run recorded. Nothing here ever deletes a directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from shin_common import write_run_record
+from shin_common import RunDirectory, import_pyplot, save_torch_atomic
 from shin_common.records import DEFAULT_PACKAGES
 
 log = logging.getLogger(__name__)
 
-PACKAGES = (*DEFAULT_PACKAGES, "recon-prune")
+TOOL = "recon-prune"
+PACKAGES = (*DEFAULT_PACKAGES, TOOL)
+PLOT_NAME = "error_per_block.png"
 
 
-def check_output_dir(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless ``overwrite`` (checked before any work)."""
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """Refuse, before any work, a file output that is a directory, lies under a file or cannot be written."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; expected a file path")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} lies under the file {str(existing)!r}; expected a file path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r} cannot be written in {str(existing)!r}: permission denied")
+    return target
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` so that ``path`` holds the old file or the complete new one, never a torn one.
+
+    The temporary file is named as shin-common names its own (``.NAME.<hex>.tmp``), so a run
+    directory recognises a killed write's leftover as its own and shin-common cleans it up.
+    """
+    # shin-common has no public text writer yet; these two are what write_json_atomic uses.
+    from shin_common.records import _create_temporary, _remove_stale_temporaries
+
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output path {str(target)!r} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(target)!r} is not empty; pass --overwrite to replace it")
-    return target
-
-
-def staging_dir(target: Path) -> Path:
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def commit_dir(staging: Path, target: Path) -> Path:
-    """Move the finished ``staging`` directory to ``target`` (replacing it)."""
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    return target
-
-
-@contextmanager
-def staged_output(target: Path) -> Iterator[Path]:
-    """Yield a fresh staging directory; move it to ``target`` if the block succeeds, delete it if not."""
-    staging = staging_dir(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = _create_temporary(target)
     try:
-        yield staging
-        commit_dir(staging, target)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
         raise
+    _remove_stale_temporaries(target)
+    return target
 
 
 def plot_block_errors(errors: dict[str, list[float | None]], path: Path, title: str = "") -> Path | None:
     """Line plot of the per-block error (log scale), one line per run; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = import_pyplot()
+    if plt is None:
         log.info("matplotlib is not installed (pip install 'recon-prune[plot]'); skipping %s", path.name)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -86,8 +86,16 @@ def plot_block_errors(errors: dict[str, list[float | None]], path: Path, title: 
     return path
 
 
+def plot_into_run(run: RunDirectory, errors: dict[str, list[float | None]], title: str = "") -> Path | None:
+    """The error plot as a file of ``run`` (recorded only when matplotlib can draw it)."""
+    if import_pyplot() is None:
+        log.info("matplotlib is not installed (pip install 'recon-prune[plot]'); skipping %s", PLOT_NAME)
+        return None
+    return plot_block_errors(errors, run.file(PLOT_NAME), title=title)
+
+
 def save_pruned(
-    directory: Path,
+    run: RunDirectory,
     model: Any,
     tokenizer: Any,
     report: Any,
@@ -95,19 +103,18 @@ def save_pruned(
     metrics: dict[str, Any],
     config: Any,
     seed: int,
-) -> None:
-    """Model (``save_pretrained``), masks (``masks.pt``), ``results.json`` and ``error_per_block.png``."""
-    model_dir = directory / "model"
+) -> dict[str, Any]:
+    """Model (``save_pretrained``), ``masks.pt``, ``error_per_block.png``, then ``results.json``.
+
+    ``results.json`` comes last: it marks the run finished, so a run killed while saving is
+    resumed (saved again) by the same command instead of being reported as done.
+    """
+    run.begin()
+    model_dir = run.path / "model"
     model.save_pretrained(model_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
-    torch.save({"pattern": report.config["pattern"], "masks": report.masks}, directory / "masks.pt")
-    write_run_record(
-        directory / "results.json",
-        config=config,
-        metrics=metrics,
-        seed=seed,
-        packages=PACKAGES,
-        extra={"report": report.to_dict()},
-    )
-    plot_block_errors({report.config["reconstruction"]: report.block_errors}, directory / "error_per_block.png")
+    run.claim_tree("model")
+    save_torch_atomic({"pattern": report.config["pattern"], "masks": report.masks}, run.file("masks.pt"))
+    plot_into_run(run, {report.config["reconstruction"]: report.block_errors})
+    return run.finish(metrics=metrics, config=config, seed=seed, packages=PACKAGES, extra={"report": report.to_dict()})

@@ -235,12 +235,31 @@ def stdlib_tiny_path(*, recipe: TinyRecipe | None = None, show_progress: bool = 
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """``stdlib-tiny`` (built on first use) or any Hugging Face causal LM name/path."""
+    """``stdlib-tiny`` (built on first use) or any Hugging Face causal LM name/path.
+
+    A local path that does not exist, a weights file that is truncated or garbage, or a pickled
+    weights file holding code raises a one-line ``ValueError`` naming the path or file.
+    """
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
+    from recon_prune.model_source import check_safetensors, resolve_model_source, weights_error
+
+    path = str(stdlib_tiny_path()) if name_or_path == MODEL_NAME else resolve_model_source(name_or_path)
+    local = Path(path).is_dir()
+    if local:
+        check_safetensors(Path(path))  # before transformers, whose error would not name the file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(stdlib_tiny_path()) if name_or_path == MODEL_NAME else name_or_path
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (pickle.UnpicklingError, SafetensorError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+        if not local or isinstance(exc, torch.OutOfMemoryError):  # only a file problem is reported as one
+            raise
+        raise weights_error(Path(path), exc) from exc
     record = Path(path) / "stdlib_tiny_record.json"
     if getattr(model.config, "train_seq_len", None) is None and record.is_file():  # cached before it was recorded
         from shin_common import read_json
@@ -249,5 +268,8 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype: torch.dtype | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model {name_or_path!r} has no tokenizer saved with it ({exc})") from exc
+        detail = " ".join(str(exc).split())
+        if local and any(Path(path).glob("tokenizer*")):
+            raise ValueError(f"the tokenizer saved in {path!r} could not be loaded ({detail})") from exc
+        raise ValueError(f"model {name_or_path!r} has no tokenizer saved with it ({detail})") from exc
     return model, tokenizer

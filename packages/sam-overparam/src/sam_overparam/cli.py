@@ -4,11 +4,16 @@ Commands:
 
 * ``train``   -- one SGD/SAM run from a YAML/JSON config plus ``key=value`` overrides; writes
   ``result.json`` (metrics and provenance), ``model.pt`` and ``config.json``; resumes from its
-  per-epoch checkpoint when rerun with the same output directory.
+  per-epoch checkpoint when rerun with the same output directory and config.
 * ``analyze`` -- Hessian analysis of a trained model (top eigenvalue, trace, tr(H^k), moment
   non-uniformity, SAM/SGD linear stability, spectral density).
 * ``demo``    -- a small width sweep, SGD against SAM on mnist1d over several seeds, with a plot
   of SAM's gain against the parameter count (Shin et al., Fig. 1, at CPU scale).
+
+Output directories follow the toolkit's run contract (docs/run-contract.md): a finished run of
+the same config is reported, not recomputed; a run of another config is refused, unchanged;
+``--overwrite`` replaces only the files the tool wrote; errors are one line (``--debug`` for the
+traceback); Ctrl-C exits 130 and a rerun of ``train`` or ``demo`` resumes.
 """
 
 from __future__ import annotations
@@ -25,9 +30,33 @@ from typing import Any
 import torch
 
 from sam_overparam import __version__
-from shin_common import ConfigError, config_to_dict, load_config, setup_logging, write_run_record
+from sam_overparam.train import TOOL
+from shin_common import (
+    ConfigError,
+    CorruptFileError,
+    RunDirectory,
+    check_output_path,
+    config_differences,
+    config_to_dict,
+    import_pyplot,
+    load_config,
+    load_json,
+    load_torch,
+    run_command,
+    save_torch_atomic,
+    write_json_atomic,
+    write_run_record,
+)
+from shin_common.rundir import MANIFEST_NAME
 
 log = logging.getLogger("sam_overparam.cli")
+
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model.pt"
+RESULT_NAME = "result.json"
+ANALYSIS_NAME = "analysis.json"
+DENSITY_PLOT_NAME = "spectral_density.png"
+SUMMARY_NAME = "summary.json"
 
 
 def _config_fields_help() -> str:
@@ -54,11 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", type=Path, help="YAML/JSON file with TrainConfig fields")
     train.add_argument("--output-dir", type=Path, required=True, help="where result.json, model.pt go")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run of this tool in --output-dir (only its files)"
+    )
     train.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. optimizer=sgd widths=[64,21]")
 
     analyze = sub.add_parser("analyze", help="Hessian analysis of a model trained with `train`")
     analyze.add_argument("--run-dir", type=Path, required=True, help="output directory of `train`")
     analyze.add_argument("--output-dir", type=Path, help="where analysis.json goes (default: --run-dir)")
+    analyze.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier analysis (in --run-dir: only the analysis files, never the trained model)",
+    )
     analyze.add_argument("--num-examples", type=int, default=512, help="training examples used (default: 512)")
     analyze.add_argument("--batch-size", type=int, default=128, help="batch size B for E_B[...] (default: 128)")
     analyze.add_argument("--probes", type=int, default=20, help="Hutchinson probes (default: 20)")
@@ -76,37 +113,174 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rho", type=float, default=0.05, help="SAM radius (default: 0.05)")
     demo.add_argument("--label-noise", type=float, default=0.0, help="symmetric label noise (default: 0)")
     demo.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace a demo of this tool in --output-dir (only its files)"
+    )
     return parser
+
+
+def _print_train_summary(config: Any, metrics: dict[str, Any], out: Path, *, reported: bool = False) -> None:
+    note = " (finished run found: reported, nothing recomputed)" if reported else ""
+    print(
+        f"{config.optimizer} {metrics['metric']}: best {metrics['best_test']:.4f} at epoch "
+        f"{metrics['best_epoch']}, final {metrics['final_test']:.4f}, {metrics['num_params']} params -> {out}{note}"
+    )
+
+
+def _finished_results(run: RunDirectory) -> dict[str, Any]:
+    record = run.results()
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        raise CorruptFileError(
+            run.manifest_path, "it marks the run finished but its results file is missing or has no metrics"
+        )
+    return record
 
 
 def _train_command(args: argparse.Namespace) -> int:
     from sam_overparam.train import TrainConfig, train
 
+    # every check (config values, output path, an existing run's config) comes before the first write
     config = load_config(TrainConfig, args.config, args.overrides)
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    model, metrics = train(config, checkpoint=out / "checkpoint.pt")
-    torch.save(model.state_dict(), out / "model.pt")
-    write_run_record(out / "result.json", config=config, metrics=metrics, seed=config.seed)
-    print(
-        f"{config.optimizer} {metrics['metric']}: best {metrics['best_test']:.4f} at epoch "
-        f"{metrics['best_epoch']}, final {metrics['final_test']:.4f}, {metrics['num_params']} params -> {out}"
+    run = RunDirectory(
+        args.output_dir, tool=TOOL, config=config_to_dict(config), overwrite=args.overwrite, command="train"
     )
+    if run.finished:
+        _print_train_summary(config, _finished_results(run)["metrics"], run.path, reported=True)
+        return 0
+    resuming = run.resuming
+    run.begin()
+    if not resuming or not (run.path / CONFIG_NAME).is_file():
+        write_json_atomic(run.file(CONFIG_NAME), config_to_dict(config))
+    model, metrics = train(config, checkpoint=run.file("checkpoint.pt"))
+    save_torch_atomic(model.state_dict(), run.file(MODEL_NAME))
+    run.finish(metrics=metrics, config=config, seed=config.seed, name=RESULT_NAME)
+    _print_train_summary(config, metrics, run.path)
     return 0
+
+
+def _analysis_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The analyze options that change its results (what identifies an analysis), checked."""
+    settings = {
+        "num_examples": args.num_examples,
+        "batch_size": args.batch_size,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+        "density_probes": args.density_probes,
+    }
+    for name, value in settings.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected >= 1")
+    return {**settings, "seed": args.seed}
+
+
+def _finished_train_run(run_dir: Path) -> tuple[RunDirectory, Any]:
+    """The finished ``train`` run in ``run_dir`` and its TrainConfig, read from what train wrote.
+
+    The config comes from the run's manifest (written before training started, never changed by
+    a refused rerun), and ``config.json`` must agree with it: a run whose files disagree is
+    refused rather than analysed at the wrong lr or rho. The RunDirectory is opened with the run's
+    own config, so adding analysis files to it goes through the same manifest (attach).
+    """
+    from sam_overparam.train import TrainConfig
+
+    given = str(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run directory {given!r} does not exist; expected an output directory of `{TOOL} train`"
+        )
+    manifest_path = run_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ValueError(f"run directory {given!r} holds no {TOOL} train run ({MANIFEST_NAME} is missing)")
+    manifest = load_json(manifest_path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise CorruptFileError(manifest_path, "expected a mapping with the run's config")
+    if manifest.get("tool") != TOOL or manifest.get("command") != "train":
+        raise ValueError(
+            f"run directory {given!r} holds a {manifest.get('tool')} {manifest.get('command')} run; "
+            f"expected one of `{TOOL} train`"
+        )
+    if not manifest.get("finished"):
+        raise ValueError(
+            f"run directory {given!r} holds an unfinished train run; rerun the same `{TOOL} train` command to finish it"
+        )
+    stored = manifest["config"]
+    try:
+        config = load_config(TrainConfig, defaults=stored)
+    except ValueError as exc:
+        raise CorruptFileError(manifest_path, f"its config is not a valid TrainConfig ({exc})") from exc
+    config_path = run_dir / CONFIG_NAME
+    if config_path.is_file():
+        differing = config_differences(stored, load_json(config_path))
+        if differing:
+            raise CorruptFileError(
+                config_path, f"differs from the config the run was trained with (differing: {', '.join(differing)})"
+            )
+    run = RunDirectory(run_dir, tool=TOOL, config=stored, command="train")
+    return run, config
+
+
+def _load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = load_torch(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptFileError(path, "expected a model state dict (names to tensors)")
+    return state
+
+
+def _print_analysis(metrics: dict[str, Any], path: Path, *, reported: bool = False) -> None:
+    trace = metrics["trace_powers"]["1"]
+    print(f"lambda_max {metrics['top_eigenvalues'][0]:.4g}, tr(H) {trace['value']:.4g} +- {trace['stderr']:.2g}")
+    for m in metrics["moments"]:
+        print(f"  k={m['power']}: tr E[H_B^k] / tr H^k = {m['trace_ratio']:.3f}, top ratio {m['top_ratio']:.3f}")
+    for name, value in metrics["stability_lambda_max"].items():
+        print(f"  lambda_max E[(I - lr J_B)^2] at {name}: {value:.4f} ({'stable' if value <= 1 else 'unstable'})")
+    print(f"-> {path}" + (" (finished analysis found: reported, nothing recomputed)" if reported else ""))
 
 
 def _analyze_command(args: argparse.Namespace) -> int:
     from sam_overparam import hessian
     from sam_overparam.data import batches
-    from sam_overparam.train import TrainConfig, _inputs, build_model, load_split, loss_fn_for
+    from sam_overparam.train import _inputs, build_model, load_split, loss_fn_for
 
-    config = load_config(TrainConfig, args.run_dir / "config.json")
+    settings = _analysis_settings(args)
+    source, config = _finished_train_run(args.run_dir)
+    identity = {"train": config_to_dict(config), "analysis": settings}
+    attached = args.output_dir is None or check_output_path(args.output_dir) == source.path
+    if attached:
+        # The analysis joins the train run: its files go into that run's manifest. A previous
+        # analysis there with the same settings is reported; other settings need --overwrite,
+        # which replaces only the analysis files, never the trained run.
+        target = source
+        previous = source.path / ANALYSIS_NAME
+        if previous.is_file():
+            stored = load_json(previous)
+            if not isinstance(stored, dict):
+                raise CorruptFileError(previous, "expected an analysis record (a JSON mapping)")
+            differing = config_differences(stored.get("config"), identity)
+            if not differing and not args.overwrite and isinstance(stored.get("metrics"), dict):
+                _print_analysis(stored["metrics"], previous, reported=True)
+                return 0
+            if differing and not args.overwrite:
+                raise ValueError(
+                    f"run directory {source.given!r} already holds an analysis with other settings "
+                    f"(differing: {', '.join(differing)}); pass --overwrite to replace that analysis "
+                    "(the trained model is kept) or --output-dir to write this one elsewhere"
+                )
+    else:
+        target = RunDirectory(args.output_dir, tool=TOOL, config=identity, overwrite=args.overwrite, command="analyze")
+        if target.finished:
+            _print_analysis(_finished_results(target)["metrics"], target.path / ANALYSIS_NAME, reported=True)
+            return 0
+    plt = import_pyplot()  # optional: without matplotlib the density plot is skipped
+
+    model_path = source.path / MODEL_NAME
+    weights = _load_model_weights(model_path)
     split = load_split(config)
     model = build_model(config, split).double()
-    model.load_state_dict(
-        {k: v.double() if v.is_floating_point() else v for k, v in torch.load(args.run_dir / "model.pt").items()}
-    )
+    try:
+        model.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in weights.items()})
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or ["RuntimeError"])[0]
+        raise CorruptFileError(model_path, f"does not fit the model of the run's config ({reason})") from exc
     model.eval()
     x = _inputs(config, split.x_train[: args.num_examples].double())
     y = split.y_train[: args.num_examples]
@@ -144,36 +318,28 @@ def _analyze_command(args: argparse.Namespace) -> int:
         ],
         "stability_lambda_max": stability,
         "stability_lr": config.lr,
+        "stability_rho": config.rho,
         "spectral_density": {
             "nodes": [n.tolist() for n in density.nodes],
             "weights": [w.tolist() for w in density.weights],
         },
         "seconds": time.perf_counter() - started,
     }
-    out = args.output_dir or args.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_record(
-        out / "analysis.json", config={"train": config, "analysis": vars(args)}, metrics=metrics, seed=args.seed
-    )
-    _plot_density(density, out / "spectral_density.png")
-    print(f"lambda_max {top[0]:.4g}, tr(H) {powers[1].value:.4g} +- {powers[1].stderr:.2g}")
-    for m in moments:
-        print(f"  k={m.power}: tr E[H_B^k] / tr H^k = {m.trace_ratio:.3f}, top ratio {m.top_ratio:.3f}")
-    for name, value in stability.items():
-        print(f"  lambda_max E[(I - lr J_B)^2] at {name}: {value:.4f} ({'stable' if value <= 1 else 'unstable'})")
-    print(f"-> {out / 'analysis.json'}")
+    # Nothing is written before the analysis is complete: an interrupted analyze leaves no trace.
+    if attached:
+        if plt is not None:
+            _plot_density(plt, density, target.file(DENSITY_PLOT_NAME))
+        write_run_record(target.file(ANALYSIS_NAME), config=identity, metrics=metrics, seed=args.seed, package=TOOL)
+    else:
+        target.begin()
+        if plt is not None:
+            _plot_density(plt, density, target.file(DENSITY_PLOT_NAME))
+        target.finish(metrics=metrics, config=identity, seed=args.seed, name=ANALYSIS_NAME)
+    _print_analysis(metrics, target.path / ANALYSIS_NAME)
     return 0
 
 
-def _plot_density(density: Any, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed (extra 'plot'); skipping %s", path)
-        return
+def _plot_density(plt: Any, density: Any, path: Path) -> None:
     nodes = torch.cat(density.nodes)
     spread = float(nodes.max() - nodes.min()) or 1.0
     grid = torch.linspace(float(nodes.min()) - 0.05 * spread, float(nodes.max()) + 0.05 * spread, 1000)
@@ -240,15 +406,7 @@ def summarize_sweep(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _plot_gain(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed (extra 'plot'); skipping %s", path)
-        return False
+def _plot_gain(plt: Any, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     xs = [r["num_params"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.fill_between(
@@ -271,7 +429,15 @@ def _plot_gain(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"{'widths':>12} {'params':>9} {'SGD':>7} {'SAM':>7} {'gain (points)':>22}")
+    for r in rows:
+        print(
+            f"{r['widths']!s:>12} {r['num_params']:>9} {100 * r['sgd_best']:>7.2f} {100 * r['sam_best']:>7.2f} "
+            f"{r['gain_points_mean']:>+8.2f} +- {r['gain_points_std']:.2f} [{r['gain_points_min']:+.2f}, {r['gain_points_max']:+.2f}]"
+        )
 
 
 def _demo_command(args: argparse.Namespace) -> int:
@@ -283,40 +449,60 @@ def _demo_command(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"demo needs widths >= 1, seeds >= 1, epochs >= 1; got {args.widths}, {args.seeds}, {args.epochs}"
         )
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, value, ok, expected in (
+        ("--rho", args.rho, args.rho >= 0, ">= 0"),
+        ("--label-noise", args.label_noise, 0 <= args.label_noise <= 1, "in [0, 1]"),
+        ("--num-train", args.num_train, args.num_train >= 1, ">= 1"),
+        ("--num-test", args.num_test, args.num_test >= 1, ">= 1"),
+    ):
+        if not ok:
+            raise ConfigError(f"{flag} {value!r}: expected {expected}")
+    configs = demo_configs(args)  # builds (and so checks) every run's TrainConfig before anything is written
+    identity = {
+        "widths": args.widths,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "num_train": args.num_train,
+        "num_test": args.num_test,
+        "rho": args.rho,
+        "label_noise": args.label_noise,
+    }
+    run = RunDirectory(args.output_dir, tool=TOOL, config=identity, overwrite=args.overwrite, command="demo")
+    if run.finished:
+        record = _finished_results(run)
+        _print_rows(record["metrics"]["rows"])
+        print(f"finished demo found in {run.path}: reported, nothing recomputed")
+        return 0
+    plt = import_pyplot()
+    run.begin()
     started = time.perf_counter()
-    configs = demo_configs(args)
-    records = run_sweep(configs, out / "sweep.jsonl")
+    # an interrupted sweep resumes: finished runs are in sweep.jsonl and are not trained again
+    records = run_sweep(configs, run.file("sweep.jsonl"))
     wanted = {json.dumps(config_to_dict(c), sort_keys=True) for c in configs}
     records = [r for r in records if json.dumps(r["config"], sort_keys=True) in wanted]
     rows = summarize_sweep(records)
     seconds = time.perf_counter() - started
     title = f"mnist1d MLP, rho={args.rho}, {args.epochs} epochs, {args.seeds} seeds"
-    plotted = _plot_gain(rows, out / "gain_vs_params.png", title)
-    write_run_record(
-        out / "summary.json", config=vars(args), metrics={"rows": rows, "seconds": seconds}, extra={"plot": plotted}
+    if plt is None:
+        log.info("matplotlib not installed (extra 'plot'); skipping the gain plot")
+    else:
+        _plot_gain(plt, rows, run.file("gain_vs_params.png"), title)
+    run.finish(
+        metrics={"rows": rows, "seconds": seconds},
+        config=identity,
+        extra={"plot": plt is not None},
+        name=SUMMARY_NAME,
     )
-    print(f"{'widths':>12} {'params':>9} {'SGD':>7} {'SAM':>7} {'gain (points)':>22}")
-    for r in rows:
-        print(
-            f"{r['widths']!s:>12} {r['num_params']:>9} {100 * r['sgd_best']:>7.2f} {100 * r['sam_best']:>7.2f} "
-            f"{r['gain_points_mean']:>+8.2f} +- {r['gain_points_std']:.2f} [{r['gain_points_min']:+.2f}, {r['gain_points_max']:+.2f}]"
-        )
-    print(f"{len(records)} runs in {seconds:.0f} s -> {out}")
+    _print_rows(rows)
+    print(f"{len(records)} runs in {seconds:.0f} s -> {run.path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {"train": _train_command, "analyze": _analyze_command, "demo": _demo_command}
-    try:
-        return handlers[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"sam-overparam {args.command}: error: {exc}\n")
-    return 1
+    return run_command(
+        build_parser(),
+        {"train": _train_command, "analyze": _analyze_command, "demo": _demo_command},
+        argv,
+        # train resumes from its checkpoint, demo from its sweep.jsonl
+        resumable={"train", "demo"},
+    )

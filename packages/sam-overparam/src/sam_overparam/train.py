@@ -23,9 +23,20 @@ from torch.nn import functional as F
 from sam_overparam import data as data_lib
 from sam_overparam import models
 from sam_overparam.optim import SAM
-from shin_common import JsonlStore, config_to_dict, progress, seed_everything
+from shin_common import (
+    CorruptFileError,
+    JsonlStore,
+    config_to_dict,
+    load_torch,
+    progress,
+    provenance,
+    save_torch_atomic,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
+
+TOOL = "sam-overparam"  # the distribution name: recorded as the writer of every results file
 
 
 @dataclass(kw_only=True)
@@ -237,17 +248,12 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        if state.get("config") != config_to_dict(config):
-            raise ValueError(
-                f"checkpoint {str(checkpoint_path)!r} was written for a different config; "
-                "use another output directory or delete the checkpoint"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        history, start_epoch = state["history"], state["epoch"]
+        # weights_only: a checkpoint holds tensors and plain containers only, so a crafted file
+        # dropped into an output directory is refused instead of run
+        state = load_torch(checkpoint_path)
+        history, start_epoch = _restore_checkpoint(
+            state, checkpoint_path, config, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator
+        )
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch)
     started = time.perf_counter()
     model.train()
@@ -273,9 +279,7 @@ def train(
             history.append(entry)
             log.debug("epoch %d: %s", epoch + 1, entry)
         if checkpoint_path is not None:
-            checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint_path.with_suffix(".tmp")
-            torch.save(
+            save_torch_atomic(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -285,9 +289,8 @@ def train(
                     "epoch": epoch + 1,
                     "config": config_to_dict(config),
                 },
-                tmp,
+                checkpoint_path,
             )
-            tmp.replace(checkpoint_path)
     metrics = summarize(history, classification=is_classification(config))
     metrics.update(
         num_params=models.count_parameters(model, effective=False),
@@ -297,6 +300,43 @@ def train(
         history=history,
     )
     return model, metrics
+
+
+def _restore_checkpoint(
+    state: Any,
+    path: Path,
+    config: TrainConfig,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+) -> tuple[list[dict[str, Any]], int]:
+    """Load a checkpoint written by :func:`train` into the fresh run objects; return (history, epoch).
+
+    Anything that does not fit (a foreign file, another model's weights) is reported as a corrupt
+    file naming ``path``, not as a traceback from deep inside ``load_state_dict``.
+    """
+    expected = ("model", "optimizer", "scheduler", "generator", "history", "epoch", "config")
+    if not isinstance(state, dict) or any(key not in state for key in expected):
+        raise CorruptFileError(path, f"expected a training checkpoint with the entries {', '.join(expected)}")
+    if state["config"] != config_to_dict(config):
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written for a different config; "
+            "use another output directory or delete the checkpoint"
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        history, epoch = list(state["history"]), int(state["epoch"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CorruptFileError(path, f"does not fit this run's model and optimizer ({reason})") from exc
+    if not 0 <= epoch <= config.epochs or not all(isinstance(h, dict) for h in history):
+        raise CorruptFileError(path, f"epoch {epoch} is outside 0..{config.epochs} or its history is malformed")
+    return history, epoch
 
 
 def summarize(history: list[dict[str, Any]], *, classification: bool) -> dict[str, Any]:
@@ -316,7 +356,8 @@ def run_sweep(configs: Iterable[TrainConfig], store_path: str | Path) -> list[di
             log.info("skipping finished run %s/%s seed %d", config.optimizer, config.widths, config.seed)
             continue
         _, metrics = train(config)
-        store.append(key, {"metrics": metrics})
+        # every line says which code produced it, so a sweep resumed after an upgrade can be split
+        store.append(key, {"metrics": metrics, "provenance": provenance(seed=config.seed, package=TOOL)})
         log.info(
             "%s widths=%s seed=%d: best %.4f at epoch %d",
             config.optimizer, config.widths, config.seed, metrics["best_test"], metrics["best_epoch"],

@@ -46,13 +46,17 @@ def load_torch(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> An
         raise CorruptFileError(file, _torch_reason(exc)) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as exc:
         raise CorruptFileError(file, _torch_reason(exc)) from exc
+    except OSError as exc:
+        # a truncated zip archive surfaces as "[Errno 22] Invalid argument" from torch's reader
+        raise CorruptFileError(file, f"unreadable as a torch file ({_first_line(exc)})") from exc
 
 
 def _torch_reason(exc: BaseException) -> str:
     """The informative line of torch's long multi-line load errors."""
     for line in str(exc).splitlines():
         if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip().rstrip(".")
+            # "WeightsUnpickler error: Unsupported global: GLOBAL x was not ... . Please use ...": the refusal only
+            return line.strip().removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")
     first = _first_line(exc)
     return first.split(". ")[0]
 

@@ -8,7 +8,6 @@ thread each, as oversubscribed threads make small-matrix work 30-50x slower).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -16,12 +15,15 @@ import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from basisrot_pipeline.runtime.pipeline import AsyncPipelineWorker, PipelineJob
+from basisrot_pipeline.runtime.pipeline import AsyncPipelineWorker, PipelineJob, read_stage_checkpoint
+from shin_common import CorruptFileError, load_json, write_json_atomic
+from shin_common.runner import KNOWN_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -32,53 +34,127 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LOSSES_NAME = "losses.json"  # the last stage's per-minibatch losses, written when all stages are done
+
+
+def read_losses(path: str | os.PathLike[str]) -> tuple[dict[int, float], int]:
+    """The per-minibatch losses in ``losses.json`` and the number of minibatches the run had done."""
+    payload = load_json(path)
+    try:
+        losses = {int(m): float(v) for m, v in payload["losses"].items()}
+        next_backward = int(payload["next_backward"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptFileError(path, "expected {'losses': {minibatch: loss}, 'next_backward': int}") from exc
+    return losses, next_backward
+
+
 def _run_rank(job: PipelineJob, rank: int, device: torch.device, result_dir: Path | None) -> dict[int, float]:
+    state = None if job.resume_step is None else read_stage_checkpoint(job, job.resume_step, rank, device)
     worker = AsyncPipelineWorker(job, rank, device)
-    if job.resume_step is not None:
-        worker.load_checkpoint(job.resume_step)
+    if state is not None:
+        worker.restore(state, job.resume_step)
     losses = worker.run()
     if result_dir is not None and worker.next_backward == job.steps:
         worker.save_final_weights(result_dir)  # before the barrier: all stages are on disk after it
     dist.barrier()
     if result_dir is not None and worker.is_last:
         payload = {"losses": {str(m): v for m, v in sorted(losses.items())}, "next_backward": worker.next_backward}
-        (result_dir / "losses.json").write_text(json.dumps(payload))
+        write_json_atomic(result_dir / LOSSES_NAME, payload)
+    dist.barrier()  # losses.json is on disk for rank 0, which writes the run record under a launcher
     return losses
 
 
-def _local_entry(rank: int, job: PipelineJob, port: int, result_dir: str) -> None:
+def _local_entry(rank: int, job: PipelineJob, port: int, result_dir: str, errors: Any) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=job.num_stages,
-        timeout=timedelta(seconds=300),
-    )
     try:
-        _run_rank(job, rank, torch.device("cpu"), Path(result_dir))
-    finally:
-        dist.destroy_process_group()
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=job.num_stages,
+            timeout=timedelta(seconds=300),
+        )
+        try:
+            _run_rank(job, rank, torch.device("cpu"), Path(result_dir))
+        finally:
+            dist.destroy_process_group()
+    except KNOWN_ERRORS as exc:
+        # a bad or corrupt checkpoint, a full disk: the parent reports it in one line (the traceback
+        # still reaches it through torch's error file, shown with --debug)
+        errors.put((rank, " ".join(str(exc).split()) or type(exc).__name__))
+        raise
+
+
+class StageProcessError(ValueError):
+    """A known error (a corrupt checkpoint, a bad value, a file-system error) in a spawned stage process."""
+
+    def __init__(self, rank: int, num_stages: int, message: str) -> None:
+        self.rank = rank
+        super().__init__(f"pipeline stage {rank} of {num_stages}: {message}")
 
 
 def run_local(job: PipelineJob, result_dir: str | os.PathLike[str] | None = None) -> dict[int, float]:
-    """Spawn ``job.num_stages`` gloo processes here and return the per-minibatch losses of the run."""
+    """Spawn ``job.num_stages`` gloo processes here and return the per-minibatch losses of the run.
+
+    A known error in a stage process is raised here as :class:`StageProcessError` with its one-line
+    message; on Ctrl-C the stage processes are stopped before ``KeyboardInterrupt`` propagates.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(result_dir) if result_dir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         previous = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
+        errors = mp.get_context("spawn").SimpleQueue()
         try:
-            mp.start_processes(
-                _local_entry, args=(job, free_port(), str(out)), nprocs=job.num_stages, start_method="spawn"
+            context = mp.start_processes(
+                _local_entry,
+                args=(job, free_port(), str(out), errors),
+                nprocs=job.num_stages,
+                join=False,
+                start_method="spawn",
             )
+            _join(context, errors, job.num_stages)
         finally:
             if previous is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = previous
-        payload = json.loads((out / "losses.json").read_text())
-    return {int(m): v for m, v in payload["losses"].items()}
+            errors.close()
+        losses, _ = read_losses(out / LOSSES_NAME)
+    return losses
+
+
+def _join(context: Any, errors: Any, num_stages: int) -> None:
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    # join() logs a warning for each stage it stops after another failed: the error is reported once, below
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        # A Ctrl-C in a terminal reaches the stage processes too, but a SIGINT sent to this process
+        # alone would leave them training (and multiprocessing would wait for them at exit).
+        _stop(context.processes)
+        raise
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:  # join() stopped the others
+        if not errors.empty():
+            rank, message = errors.get()
+            raise StageProcessError(rank, num_stages, message) from exc
+        raise
+    finally:
+        spawn_log.setLevel(level)
+
+
+def _stop(processes: list[Any]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_from_environment(job: PipelineJob, result_dir: str | os.PathLike[str] | None = None) -> dict[int, float]:

@@ -33,11 +33,14 @@ from basisrot_pipeline.model import GPT, ModelConfig, lm_loss, partition_model
 from basisrot_pipeline.optim.factory import OptimConfig, build_optimizer, optimizer_step
 from basisrot_pipeline.resume import check_same_config
 from basisrot_pipeline.staleness import staleness_schedule
-from shin_common import config_to_dict, write_json_atomic
+from shin_common import CorruptFileError, config_to_dict, load_torch, save_torch_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION, GRADIENT = 0, 1
+CHECKPOINT_KEYS = frozenset(
+    {"stage", "optimizer", "stash", "in_flight", "pending_input", "version", "next_forward", "next_backward", "losses"}
+)
 
 
 def message_tag(minibatch: int, kind: int) -> int:
@@ -237,11 +240,7 @@ class AsyncPipelineWorker:
     # -- checkpoint ----------------------------------------------------------------------------
     def save_final_weights(self, directory: str | Path) -> Path:
         path = final_weights_path(directory, self.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu() for k, v in self.stage.state_dict().items()}, tmp)
-        tmp.replace(path)
-        return path
+        return save_torch_atomic({k: v.detach().cpu() for k, v in self.stage.state_dict().items()}, path)
 
     def save_checkpoint(self, step: int) -> Path:
         """Save after ``step`` backwards; first pull in the activation already sent to this stage."""
@@ -249,7 +248,7 @@ class AsyncPipelineWorker:
             self.pending_input = (self.next_forward, self._recv_activation(self.next_forward))
         self._wait_sends()  # nothing of ours is left on the wire
         path = checkpoint_path(self.job.checkpoint_dir, step, self.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # tensors, numbers, strings, None and plain containers only: it loads with weights_only=True
         state = {
             "stage": self.stage.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -264,22 +263,40 @@ class AsyncPipelineWorker:
         }
         if self.is_first:  # before stage 0's file, so every complete checkpoint has its settings
             write_json_atomic(checkpoint_settings_path(self.job.checkpoint_dir, step), state["settings"])
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_torch_atomic(state, path)
         logger.info("stage %d: checkpoint after %d minibatches at %s", self.rank, step, path)
         return path
 
     def load_checkpoint(self, step: int) -> None:
+        self.restore(read_stage_checkpoint(self.job, step, self.rank, self.device), step)
+
+    def restore(self, state: dict[str, Any], step: int) -> None:
+        """Continue from ``state``, as :func:`read_stage_checkpoint` returns it for ``step``."""
         path = checkpoint_path(self.job.checkpoint_dir, step, self.rank)
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        check_same_config(state.get("settings"), self.job.settings(), where=f"checkpoint {str(path)!r}")
-        self.stage.load_state_dict(state["stage"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stash = state["stash"]
-        self.in_flight = state["in_flight"]
-        self.pending_input = state["pending_input"]
-        self.version = state["version"]
-        self.next_forward = state["next_forward"]
-        self.next_backward = state["next_backward"]
-        self.losses = state["losses"]
+        try:
+            self.stage.load_state_dict(state["stage"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.stash = {int(v): dict(weights) for v, weights in state["stash"].items()}
+            self.in_flight = {int(m): (x, int(v)) for m, (x, v) in state["in_flight"].items()}
+            pending = state["pending_input"]
+            self.pending_input = None if pending is None else (int(pending[0]), pending[1])
+            self.version = int(state["version"])
+            self.next_forward = int(state["next_forward"])
+            self.next_backward = int(state["next_backward"])
+            self.losses = {int(m): float(loss) for m, loss in state["losses"].items()}
+        except (KeyError, TypeError, RuntimeError, IndexError, AttributeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(path, f"its state does not fit stage {self.rank} of this run ({reason})") from exc
+
+
+def read_stage_checkpoint(job: PipelineJob, step: int, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Stage ``rank``'s checkpoint at ``step`` (``weights_only``), checked against ``job``'s settings.
+
+    Read before the stage and its optimizer are built, so a corrupt file is reported quickly.
+    """
+    path = checkpoint_path(job.checkpoint_dir, step, rank)
+    state = load_torch(path, map_location=device)
+    if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
+        raise CorruptFileError(path, f"expected a mapping with {sorted(CHECKPOINT_KEYS)} (a pipeline stage checkpoint)")
+    check_same_config(state.get("settings"), job.settings(), where=f"checkpoint {str(path)!r}")
+    return state

@@ -8,12 +8,17 @@ model f (architecture spec plus weights) and a CUB model trained with Inception-
 evaluated here on a CPU.
 
 Files: ``.pt`` (``torch.save`` of plain tensors and JSON-able metadata) or ``.npz`` (NumPy arrays;
-metadata as a JSON string). Both load with :func:`load_predictions`.
+metadata as a JSON string). Both are written atomically and load with :func:`load_predictions`,
+which builds only tensors and arrays (a file that would need arbitrary unpickling is refused) and
+reports an unreadable file as :class:`shin_common.CorruptFileError` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from torch import nn
 from cbm_intervene.data.core import ConceptDataset, ConceptGroups, check_binary
 from cbm_intervene.metrics import METRICS
 from cbm_intervene.models import TargetModelSpec
+from shin_common import CorruptFileError, load_npz, load_torch, save_torch_atomic
 
 KINDS = ("prob", "logit")
 _ARRAYS = ("values", "true_concepts", "labels", "visibility", "reference_values", "instance_concepts")
@@ -197,12 +203,33 @@ def save_predictions(
     arrays = {name: getattr(predictions, name) for name in _ARRAYS if getattr(predictions, name) is not None}
     if target_model is not None:
         arrays.update({f"target_model.{k}": v for k, v in target_model.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".pt":
-        torch.save({"meta": meta, "arrays": {k: v.detach().cpu() for k, v in arrays.items()}}, path)
+        save_torch_atomic({"meta": meta, "arrays": {k: v.detach().cpu() for k, v in arrays.items()}}, path)
     else:
-        np.savez(path, __meta__=np.array(json.dumps(meta)), **{k: v.detach().cpu().numpy() for k, v in arrays.items()})
+        _savez_atomic(
+            path, {"__meta__": np.array(json.dumps(meta)), **{k: v.detach().cpu().numpy() for k, v in arrays.items()}}
+        )
     return path
+
+
+def _savez_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temporary file next to ``path``, renamed over it: never a torn file.
+
+    The temporary is created with mode 0o666 less the umask, as ``open`` would create ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def load_predictions(path: str | Path) -> tuple[ConceptPredictions, nn.Module | None]:
@@ -210,32 +237,41 @@ def load_predictions(path: str | Path) -> tuple[ConceptPredictions, nn.Module | 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
-    if path.suffix == ".pt":
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        meta, arrays = blob["meta"], {k: torch.as_tensor(v) for k, v in blob["arrays"].items()}
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["__meta__"]))
-            arrays = {k: torch.from_numpy(npz[k]) for k in npz.files if k != "__meta__"}
-    else:
+    if path.suffix not in (".pt", ".npz"):
         raise ValueError(f"predictions file must end in .pt or .npz, got {path.name!r}")
+    try:
+        if path.suffix == ".pt":
+            blob = load_torch(path, map_location="cpu")
+            meta, arrays = blob["meta"], {k: torch.as_tensor(v) for k, v in blob["arrays"].items()}
+        else:
+            npz = load_npz(path)
+            meta = json.loads(str(npz.pop("__meta__")))
+            arrays = {k: torch.from_numpy(v) for k, v in npz.items()}
+        if not isinstance(meta, dict):
+            raise TypeError(f"metadata is a {type(meta).__name__}, expected a mapping")
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        # a file torch or NumPy can read, but not in the layout save_predictions writes
+        raise CorruptFileError(path, f"not a predictions file ({type(exc).__name__}: {exc})") from None
     for required in ("values", "true_concepts", "labels"):
         if required not in arrays:
             raise ValueError(f"{path}: missing array {required!r}")
-    predictions = ConceptPredictions(
-        kind=meta["kind"],
-        n_classes=int(meta["n_classes"]),
-        groups=None if meta.get("groups") is None else ConceptGroups.from_dict(meta["groups"]),
-        concept_names=meta.get("concept_names"),
-        metric=meta.get("metric"),
-        **{name: arrays.get(name) for name in _ARRAYS},
-    )
+    try:
+        predictions = ConceptPredictions(
+            kind=meta["kind"],
+            n_classes=int(meta["n_classes"]),
+            groups=None if meta.get("groups") is None else ConceptGroups.from_dict(meta["groups"]),
+            concept_names=meta.get("concept_names"),
+            metric=meta.get("metric"),
+            **{name: arrays.get(name) for name in _ARRAYS},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
     target_model = None
     if meta.get("target_spec") is not None:
-        spec = TargetModelSpec(**meta["target_spec"])
         prefix = "target_model."
         try:
+            spec = TargetModelSpec(**meta["target_spec"])
             target_model = spec.load({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from None
     return predictions, target_model
