@@ -49,7 +49,7 @@ def test_train_emulated_writes_record(tmp_path, capsys):
         ]
     )
     assert code == 0
-    record = json.loads((out / "run.json").read_text())
+    record = json.loads((out / "results.json").read_text())
     assert len(record["metrics"]["train_losses"]) == 6 and record["metrics"]["delays"] == [1, 0]
     assert record["config"]["optim"]["name"] == "basis-rotation" and "git" in json.dumps(record)
     assert "val_loss" in capsys.readouterr().out
@@ -133,12 +133,13 @@ def test_train_bad_inputs(tmp_path, capsys, args, message):
 
 def test_demo_short_run(tmp_path):
     pytest.importorskip("matplotlib")
-    from basisrot_pipeline.cli import run_demo
+    from basisrot_pipeline.experiments import run_demo
 
     summary = run_demo(tmp_path, steps=3)
     assert set(summary) >= {"adamw", "basis-rotation", "wall_seconds"}
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
-    assert (tmp_path / "adamw" / "run.json").exists() and (tmp_path / "basis-rotation" / "run.json").exists()
+    assert (tmp_path / "adamw" / "results.json").exists() and (tmp_path / "basis-rotation" / "results.json").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["adamw"] == summary["adamw"]
 
 
 def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
@@ -180,8 +181,8 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
             )
             == 0
         )
-    emulated = json.loads((tmp_path / "emulated" / "run.json").read_text())["metrics"]
-    record = json.loads((tmp_path / "distributed" / "run.json").read_text())
+    emulated = json.loads((tmp_path / "emulated" / "results.json").read_text())["metrics"]
+    record = json.loads((tmp_path / "distributed" / "results.json").read_text())
     assert record["metrics"]["train_losses"] == pytest.approx(emulated["train_losses"], abs=1e-5)
     assert record["metrics"]["val_loss"] == pytest.approx(emulated["val_loss"], abs=1e-5)
     assert record["runtime"] == "distributed"
@@ -207,5 +208,5 @@ def test_train_from_yaml_config_with_custom_schedule(tmp_path):
         "optim:\n  name: nesterov\n"
     )
     assert main(["train", "--config", str(config_file), "--output-dir", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["metrics"]["delays"] == [2, 0] and record["config"]["optim"]["name"] == "nesterov"

@@ -275,18 +275,18 @@ def test_ctrl_c_stops_training_in_one_line_and_the_same_command_resumes(tmp_path
             process.communicate()
     assert process.returncode == 130, stderr
     assert stderr.strip() == "basisrot-pipeline train: interrupted; rerun the same command to resume"
-    assert not (out / "run.json").exists()
+    assert not (out / "results.json").exists()
 
     resumed = _cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    record = json.loads((out / "run.json").read_text())
+    record = json.loads((out / "results.json").read_text())
     assert record["metrics"]["resumed_from_step"] >= 5 and len(record["metrics"]["train_losses"]) == 200
     assert json.loads(resumed.stdout)["resumed_from_step"] == record["metrics"]["resumed_from_step"]
     assert record["package"] == {"name": "basisrot-pipeline", "version": __version__}
     assert re.fullmatch(r"[0-9a-f]{40}", record["git"]["commit"])
     assert not (out / "checkpoint.pt").exists()
 
-    finished = (out / "run.json").read_bytes()
+    finished = (out / "results.json").read_bytes()
     reported = _cli(*args)  # a finished run of the same config: reported, not trained again
     assert reported.returncode == 0 and json.loads(reported.stdout)["already_finished"] is True
-    assert (out / "run.json").read_bytes() == finished
+    assert (out / "results.json").read_bytes() == finished

@@ -255,7 +255,7 @@ def test_accelerate_multi_gpu_launch_runs_one_process_per_stage(tmp_path, single
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "spawning one process per stage here" not in result.stderr  # accelerate started the ranks
-    record = json.loads((tmp_path / "acc" / "run.json").read_text())
+    record = json.loads((tmp_path / "acc" / "results.json").read_text())
     emulated = train(TrainConfig(**settings, model=ModelConfig(**tiny)), tmp_path / "emulated")
     assert record["metrics"]["train_losses"] == pytest.approx(emulated["train_losses"], abs=1e-5)
     assert record["metrics"]["val_loss"] == pytest.approx(emulated["val_loss"], abs=1e-5)

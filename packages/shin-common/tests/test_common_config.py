@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from shin_common import ConfigError, apply_overrides, config_to_dict, load_config, parse_overrides
+from shin_common import ConfigError, add_config_options, config_from_args, config_keys, config_to_dict, load_config
 
 
 @dataclass(kw_only=True)
@@ -53,7 +53,8 @@ def test_json_file(tmp_path):
 def test_round_trip_through_dict():
     cfg = Train(epochs=4, out=Path("x"), optim=Optim(lr=0.2))
     assert load_config(Train, defaults=config_to_dict(cfg)) == cfg
-    assert apply_overrides(cfg, ["epochs=5"]) == Train(epochs=5, out=Path("x"), optim=Optim(lr=0.2))
+    again = load_config(Train, defaults=config_to_dict(cfg), overrides=["epochs=5"])
+    assert again == Train(epochs=5, out=Path("x"), optim=Optim(lr=0.2))
 
 
 @pytest.mark.parametrize(
@@ -88,8 +89,9 @@ def test_bad_files(tmp_path):
         load_config(Train, tmp_path / "bad.json")
 
 
-def test_parse_overrides_nests_dotted_keys():
-    assert parse_overrides(["a.b=1", "a.c=x", "--d=[1,2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+def test_overrides_reach_nested_configs_by_dotted_keys():
+    cfg = load_config(Train, overrides=["optim.lr=0.5", "--epochs=3", "widths=[1,2]"])
+    assert (cfg.optim.lr, cfg.epochs, cfg.widths) == (0.5, 3, [1, 2])
 
 
 def test_n_m_patterns_stay_strings_in_files_and_overrides(tmp_path):
@@ -97,10 +99,6 @@ def test_n_m_patterns_stay_strings_in_files_and_overrides(tmp_path):
     path.write_text("pattern: 4:8\n")
     assert load_config(Train, path).pattern == "4:8"
     assert load_config(Train, overrides=["pattern=2:4"]).pattern == "2:4"
-
-
-def test_parse_overrides_is_the_untyped_yaml_reading():
-    assert parse_overrides(["x=1_000", "y=0x10", "z=1e-3"]) == {"x": 1000, "y": 16, "z": 0.001}
 
 
 @pytest.mark.parametrize(
@@ -191,7 +189,7 @@ def test_non_str_values_from_files_and_round_trips_keep_their_type(tmp_path):
     path.write_text("label: 7\nlr: 0.25\n")
     cfg = load_config(Unions, path)
     assert (cfg.label, cfg.lr) == (7, 0.25) and type(cfg.label) is int
-    assert apply_overrides(Unions(label=5), ["tag=x"]) == Unions(label=5, tag="x")
+    assert load_config(Unions, overrides=["label=5", "tag=x"]) == Unions(label=5, tag="x")
 
 
 def test_non_str_fields_still_read_yaml_numbers():
@@ -209,9 +207,40 @@ class Derived:
         self.area = self.width * self.width
 
 
-def test_apply_overrides_recomputes_init_false_fields():
-    cfg = apply_overrides(Derived(width=3), ["width=5", "inner.lr=0.2"])
+def test_init_false_fields_are_computed_not_set():
+    cfg = load_config(Derived, overrides=["width=5", "inner.lr=0.2"])
     assert (cfg.width, cfg.area, cfg.inner.lr) == (5, 25, 0.2)
-    assert apply_overrides(Derived(width=3), []) == Derived(width=3)
     with pytest.raises(ConfigError, match=r"config key area cannot be set: Derived computes it \(init=False\)"):
-        apply_overrides(Derived(), ["area=1"])
+        load_config(Derived, overrides=["area=1"])
+
+
+def _command_line():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tool")
+    add_config_options(parser, Train)
+    parser.add_argument("--lr", type=float, help="optim.lr")
+    parser.add_argument("--epochs", type=int)
+    return parser
+
+
+def test_config_grammar_file_then_named_flags_then_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\noptim:\n  lr: 0.3\n")
+    args = _command_line().parse_args(["--config", str(path), "--lr", "0.01", "--set", "method=sam"])
+    cfg = config_from_args(Train, args, named={"optim.lr": args.lr, "epochs": args.epochs})
+    # the file's epochs stays (its flag was not given); the named flag beats the file; --set adds
+    assert (cfg.epochs, cfg.optim.lr, cfg.method) == (7, 0.01, "sam")
+
+
+def test_a_key_given_by_its_flag_and_by_set_is_refused():
+    args = _command_line().parse_args(["--lr", "0.01", "--set", "optim.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"optim.lr is set twice"):
+        config_from_args(Train, args, named={"optim.lr": args.lr})
+
+
+def test_help_lists_every_config_key_with_its_default():
+    text = _command_line().format_help()
+    for key, _kind, default in config_keys(Train):
+        assert f"  {key} (" in text and json.dumps(config_to_dict({"v": default})["v"]) in text
+    assert "optim.lr (float) = 0.1" in text and "--set KEY=VALUE" in text

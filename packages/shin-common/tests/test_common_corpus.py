@@ -75,24 +75,6 @@ def test_from_files_text_and_jsonl(tmp_path):
         TextCorpus.from_files(tmp_path / "missing.txt")
 
 
-def test_from_datasets_keeps_given_splits_and_splits_a_single_dataset():
-    datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
-            "validation": datasets.Dataset.from_dict({"text": ["c"]}),
-            "test": datasets.Dataset.from_dict({"text": ["d"]}),
-        }
-    )
-    corpus = TextCorpus.from_datasets(dd)
-    assert corpus.text("train", joiner="|") == "a|b"
-    assert corpus.text("test") == "d"
-    single = TextCorpus.from_datasets(datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(100)]}), name="x")
-    assert sum(len(single.documents(s)) for s in SPLITS) == 100
-    with pytest.raises(ValueError, match="lacks field 'body'"):
-        TextCorpus.from_datasets(dd, text_field="body")
-
-
 def test_bad_fractions():
     with pytest.raises(ValueError, match="validation_fraction must lie in"):
         TextCorpus.from_documents("x", [], validation_fraction=1.5)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from shin_common import JsonlStore, read_json, record_key, records, write_json_atomic, write_run_record
-from shin_common.records import to_jsonable
+from shin_common import JsonlStore, files, read_json, records, write_json_atomic, write_run_record
+from shin_common.records import record_key, to_jsonable
 
 
 @dataclasses.dataclass
@@ -84,10 +84,11 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
     script = textwrap.dedent(
         f"""
         import os
+        import shin_common.files as files
         import shin_common.records as records
         def die(src, dst):
             os._exit(9)   # simulated crash: the temporary file is written, the rename never happens
-        records.os.replace = die
+        files.os.replace = die
         records.write_json_atomic({str(target)!r}, {{"version": 2, "payload": "x" * 100000}})
         """
     )
@@ -99,7 +100,7 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
     write_json_atomic(target, {"version": 3})  # a later write still works ...
     assert read_json(target) == {"version": 3}
     assert stray.exists()  # ... and leaves a recent temporary file alone (its writer may still be running)
-    an_hour_and_more_ago = time.time() - records.STALE_TEMPORARY_SECONDS - 60
+    an_hour_and_more_ago = time.time() - files.STALE_TEMPORARY_SECONDS - 60
     os.utime(stray, (an_hour_and_more_ago, an_hour_and_more_ago))
     (tmp_path / ".other.json.abcd.tmp").write_text("not ours")
     os.utime(tmp_path / ".other.json.abcd.tmp", (an_hour_and_more_ago, an_hour_and_more_ago))
@@ -108,7 +109,7 @@ def test_atomic_write_survives_a_killed_process(tmp_path):
 
 
 def test_atomic_writes_remove_only_their_own_stale_temporaries(tmp_path):
-    an_hour_and_more_ago = time.time() - records.STALE_TEMPORARY_SECONDS - 60
+    an_hour_and_more_ago = time.time() - files.STALE_TEMPORARY_SECONDS - 60
     stale = {name: tmp_path / f".{name}.0123abcd.tmp" for name in ("a.json", "b.json", "a")}
     for path in stale.values():
         path.write_text("left by a killed writer")
@@ -316,3 +317,35 @@ def test_jsonl_store_rereads_a_file_recreated_under_a_reused_inode(tmp_path, mon
     monkeypatch.setattr(records.os, "stat", reused_inode)
     assert [r["config"] for r in store.records()] == [{"i": 0}, {"i": 2}]
     assert not store.is_complete({"i": 1})
+
+
+def test_shards_are_disjoint_and_cover_the_sweep(monkeypatch):
+    from shin_common import shard
+
+    items = list(range(10))
+    shares = [shard(items, rank=r, world_size=3) for r in range(3)]
+    assert sorted(i for share in shares for i in share) == items and shares[0] == [0, 3, 6, 9]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard(items) == [1, 3, 5, 7, 9]
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        shard(items, rank=2, world_size=2)
+
+
+def test_processes_appending_to_one_store_lose_no_line(tmp_path):
+    """Two processes of a sharded sweep append at once: every line arrives whole."""
+    path = tmp_path / "sweep.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from shin_common import JsonlStore
+        store = JsonlStore({str(path)!r})
+        for i in range(150):
+            store.append({{"rank": int(sys.argv[1]), "i": i}}, {{"metrics": {{"pad": "x" * 5000}}}})
+        """
+    )
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(rank)]) for rank in range(2)]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 300 and all(json.loads(line)["metrics"]["pad"] == "x" * 5000 for line in lines)
+    assert len(JsonlStore(path).completed_keys()) == 300

@@ -34,6 +34,7 @@ from shin_common import (
     seed_everything,
     write_run_record,
 )
+from shin_common.rundir import RESULTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class TrainConfig:
             raise ValueError(f"unknown runtime {self.runtime!r}; expected one of {RUNTIMES}")
         if self.data not in DATASETS:
             raise ValueError(f"unknown data {self.data!r}; expected one of {DATASETS}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown staleness schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        SCHEDULES.get(self.schedule)  # an unknown name: one line listing the registered ones
         if self.stages > self.model.n_layer:
             raise ValueError(f"stages ({self.stages}) is larger than the number of layers ({self.model.n_layer})")
         if self.runtime == "distributed" and self.schedule != "async-1f1b":
@@ -112,7 +112,7 @@ def resume_config(config: TrainConfig) -> dict[str, Any]:
     return settings
 
 
-RECORD = "run.json"  # the results file of a finished training run
+RECORD = RESULTS_NAME  # the results file of a finished training run (results.json)
 
 
 def open_training_run(
@@ -228,7 +228,7 @@ def run_emulated(config: TrainConfig, run: RunDirectory, prefix: str = "") -> di
     if prefix:
         write_run_record(run.file(f"{prefix}{RECORD}"), extra=extra, package=TOOL, **record)
     else:
-        run.finish(extra=extra, name=RECORD, **record)
+        run.finish(extra=extra, **record)
     checkpoint.unlink(missing_ok=True)  # after the record: a run killed in between is reported, not retrained
     return metrics
 
@@ -397,7 +397,6 @@ def train_distributed(
         config=config_to_dict(config),
         seed=config.seed,
         extra={"data": data_info, "runtime": "distributed"},
-        name=RECORD,
     )
     return metrics
 

@@ -5,8 +5,15 @@ records, safe loading, one-line errors), seeding, typed configs, logging and pro
 offline text corpus.
 """
 
-from shin_common.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_overrides
-from shin_common.corpus import Document, TextCorpus, byte_blocks, stdlib_corpus
+from shin_common.config import (
+    ConfigError,
+    add_config_options,
+    config_from_args,
+    config_keys,
+    config_to_dict,
+    load_config,
+)
+from shin_common.corpus import TextCorpus, byte_blocks, stdlib_corpus
 from shin_common.errors import (
     ConfigMismatchError,
     CorruptFileError,
@@ -20,11 +27,12 @@ from shin_common.records import (
     JsonlStore,
     provenance,
     read_json,
-    record_key,
+    shard,
     to_jsonable,
     write_json_atomic,
     write_run_record,
 )
+from shin_common.registry import Registry
 from shin_common.rundir import RunDirectory, check_output_path, config_differences
 from shin_common.runner import run_command
 from shin_common.seeding import seed_everything
@@ -35,34 +43,35 @@ __all__ = [
     "ConfigError",
     "ConfigMismatchError",
     "CorruptFileError",
-    "Document",
     "JsonlStore",
     "MissingExtraError",
     "OutputDirectoryError",
+    "Registry",
     "RunDirectory",
     "TextCorpus",
     "UnsafeFileError",
     "__version__",
-    "apply_overrides",
+    "add_config_options",
     "byte_blocks",
     "check_output_path",
     "config_differences",
+    "config_from_args",
+    "config_keys",
     "config_to_dict",
     "import_pyplot",
     "load_config",
     "load_json",
     "load_npz",
     "load_torch",
-    "parse_overrides",
     "progress",
     "provenance",
     "read_json",
-    "record_key",
     "require_extra",
     "run_command",
     "save_torch_atomic",
     "seed_everything",
     "setup_logging",
+    "shard",
     "stdlib_corpus",
     "to_jsonable",
     "write_json_atomic",

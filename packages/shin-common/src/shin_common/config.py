@@ -314,15 +314,6 @@ def _build(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
         raise ConfigError(f"{prefix or cls.__name__ + ': '}{exc}") from exc
 
 
-def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Turn ``["a=1", "opt.lr=3e-4"]`` into a nested dict of YAML-parsed values.
-
-    This is the untyped reading (``0x10`` is 16 here); :func:`load_config` and
-    :func:`apply_overrides` keep each value's text for the ``str`` fields.
-    """
-    return _plain(_parse_overrides_keeping_text(overrides))
-
-
 def _parse_overrides_keeping_text(overrides: Iterable[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
@@ -383,14 +374,24 @@ def load_config(
     overrides: Iterable[str] = (),
     *,
     defaults: Mapping[str, Any] | None = None,
+    named: Mapping[str, Any] | None = None,
 ) -> C:
-    """Build ``cls`` from ``defaults``, then the file at ``path``, then ``key=value`` overrides."""
+    """Build ``cls`` from ``defaults``, then the file at ``path``, then ``named`` values, then overrides.
+
+    ``named`` maps dotted keys to values already typed by a command-line flag (``{"optim.lr": 3e-4}``);
+    a key given both there and in ``overrides`` is refused rather than silently resolved.
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     data: dict[str, Any] = dict(defaults or {})
     if path is not None:
         data = _merge(data, read_config_file(path))
-    data = _merge(data, _parse_overrides_keeping_text(overrides))
+    overridden = _parse_overrides_keeping_text(overrides)
+    for key, value in (named or {}).items():
+        if _has_key(overridden, key):
+            raise ConfigError(f"{key} is set twice, by its own flag and by --set {key}=...; give it once")
+        data = _merge(data, _nest(key, value))
+    data = _merge(data, overridden)
     return _build(cls, data)
 
 
@@ -401,25 +402,77 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return to_jsonable(config)
 
 
-def _settable_values(value: Any) -> Any:
-    """Like :func:`config_to_dict`, but leaving out dataclass fields with ``init=False``.
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    parts = dotted.split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
 
-    Those are computed by the dataclass (usually in ``__post_init__``), so they cannot be passed
-    back to its constructor; rebuilding recomputes them.
+
+def _has_key(nested: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = nested
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def config_keys(cls: type) -> list[tuple[str, str, Any]]:
+    """Every settable key of the config dataclass ``cls``: (dotted key, type, default), nested flattened."""
+    hints = typing.get_type_hints(cls)
+    keys: list[tuple[str, str, Any]] = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        tp = hints[field.name]
+        if field.default is not dataclasses.MISSING:
+            default: Any = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = "(required)"
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            keys += [(f"{field.name}.{key}", kind, value) for key, kind, value in config_keys(tp)]
+        else:
+            keys.append((field.name, _describe(tp), default))
+    return keys
+
+
+def add_config_options(parser: Any, cls: type) -> None:
+    """Give an ``argparse`` (sub)parser the toolkit's config grammar: ``--config FILE --set KEY=VALUE``.
+
+    ``--help`` then lists every key of ``cls`` with its type and default. Read the result with
+    :func:`config_from_args`; a command adds its own named flags for the commonest keys.
     """
+    import argparse
+
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML or JSON file of config keys")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a config key (repeatable; dotted keys reach nested configs); see the keys below",
+    )
+    lines = [f"  {key} ({kind}) = {json.dumps(_jsonable_default(default))}" for key, kind, default in config_keys(cls)]
+    parser.epilog = f"config keys ({cls.__name__}), for --config and --set:\n" + "\n".join(lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _jsonable_default(value: Any) -> Any:
     from shin_common.records import to_jsonable
 
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _settable_values(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, Mapping):
-        return {str(k): _settable_values(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_settable_values(v) for v in value]
     return to_jsonable(value)
 
 
-def apply_overrides(config: C, overrides: Iterable[str]) -> C:
-    """A copy of the dataclass instance ``config`` with ``key=value`` overrides applied and checked."""
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"{config!r} is not a dataclass instance")
-    return _build(type(config), _merge(_settable_values(config), _parse_overrides_keeping_text(overrides)))
+def config_from_args(cls: type[C], args: Any, named: Mapping[str, Any] | None = None) -> C:
+    """The config of a command: defaults < ``--config`` < named flags given (not None) < ``--set``.
+
+    ``named`` maps dotted config keys to the values of the command's own flags, e.g.
+    ``{"optim.lr": args.lr}``; a flag left at None was not given and does not count.
+    """
+    given = {key: value for key, value in (named or {}).items() if value is not None}
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or (), named=given)

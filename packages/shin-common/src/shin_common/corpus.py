@@ -5,8 +5,7 @@ test suites and ``site-packages`` (code, comments and docstrings), plus ``pydoc_
 the English reference prose. Nobody in this project wrote it, every CPython install has it, and
 its checksum pins exactly which text a result was computed on (it changes with the Python version).
 
-The same interface covers a user's own text/JSONL files (:meth:`TextCorpus.from_files`) and a
-``datasets`` dataset (:meth:`TextCorpus.from_datasets`).
+The same interface covers a user's own text/JSONL files (:meth:`TextCorpus.from_files`).
 
 Splits are assigned per document by a hash of its name, so a document's split never depends on
 which other documents exist, and no text is shared between splits.
@@ -153,38 +152,6 @@ class TextCorpus:
             test_fraction=test_fraction,
         )
 
-    @classmethod
-    def from_datasets(
-        cls,
-        dataset: Any,
-        *,
-        text_field: str = "text",
-        name: str = "datasets",
-        validation_fraction: float = 0.05,
-        test_fraction: float = 0.05,
-    ) -> TextCorpus:
-        """A ``datasets.Dataset`` (split by row hash) or ``DatasetDict`` (its own splits kept).
-
-        A ``DatasetDict`` must have ``train`` and ``test``; ``validation`` (or ``valid``) may be
-        absent, in which case that split is empty.
-        """
-        if isinstance(dataset, Mapping):  # datasets.DatasetDict is a dict
-            available = list(dataset.keys())
-            if "train" not in available or "test" not in available:
-                raise ValueError(f"dataset splits {available}: expected at least 'train' and 'test'")
-            splits = {}
-            for split in SPLITS:
-                source = (
-                    split
-                    if split in available
-                    else ("valid" if split == "validation" and "valid" in available else None)
-                )
-                rows = dataset[source] if source is not None else []
-                splits[split] = [Document(f"{split}:{i}", _text_of(row, text_field)) for i, row in enumerate(rows)]
-            return cls(name, splits)
-        docs = [Document(f"{name}:{i}", _text_of(row, text_field)) for i, row in enumerate(dataset)]
-        return cls.from_documents(name, docs, validation_fraction=validation_fraction, test_fraction=test_fraction)
-
     # ------------------------------------------------------------------ access
     def documents(self, split: str) -> list[Document]:
         if split not in self._splits:
@@ -237,18 +204,6 @@ class TextCorpus:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(self._splits[s])}" for s in SPLITS)
         return f"TextCorpus({self.name!r}, {sizes})"
-
-
-def _text_of(row: Any, text_field: str) -> str:
-    if isinstance(row, Mapping):
-        if text_field not in row:
-            raise ValueError(f"dataset row lacks field {text_field!r}; it has {sorted(row)}")
-        value = row[text_field]
-    else:
-        value = row
-    if not isinstance(value, str):
-        raise ValueError(f"dataset field {text_field!r} must be a string, got {type(value).__name__}")
-    return value
 
 
 def byte_blocks(

@@ -14,12 +14,16 @@ import importlib
 import json
 import os
 import pickle
+import re
+import secrets
+import stat
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from shin_common.errors import CorruptFileError, MissingExtraError, UnsafeFileError
-from shin_common.records import _create_temporary, _remove_stale_temporaries
 
 
 def _first_line(exc: BaseException) -> str:
@@ -90,18 +94,33 @@ def load_json(path: str | os.PathLike[str]) -> Any:
 
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` so that ``path`` holds the old file or the complete new one, never a torn one.
-
-    Written to a temporary file in the same directory, fsynced, then renamed over ``path``.
-    """
+    """``torch.save`` so that ``path`` holds the old file or the complete new one, never a torn one."""
     import torch
 
+    return write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) so that ``path`` holds the old file or the complete new one."""
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
+
+    ``os.replace`` is atomic on POSIX and Windows, so ``path`` holds either the old file or the
+    complete new one. The file gets the permissions a plain ``open(path, "w")`` would give it: those
+    of the file it replaces, or ``0o666`` less the umask for a new one. Temporary files of the same
+    name left by a writer killed more than an hour ago are removed after a successful write.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = _create_temporary(target)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp_name, stat.S_IMODE(os.stat(target).st_mode))
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
@@ -111,6 +130,45 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _remove_stale_temporaries(target)
     return target
+
+
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """Create ``.<name>.<random>.tmp`` next to ``target`` with mode 0o666 filtered by the umask.
+
+    ``tempfile.mkstemp`` would create it 0o600 regardless of the umask, and the rename would keep
+    that mode for the results file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {str(target)!r}")
+
+
+_TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")  # as _create_temporary names them
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary files of ``target`` left by killed writers (old enough not to be in use).
+
+    Only names of the exact form :func:`_create_temporary` gives ``target`` count, so writing ``a``
+    never touches the temporaries of ``a.json``.
+    """
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(target.parent):
+            match = _TEMPORARY_NAME.fullmatch(entry.name)
+            if match is None or match["target"] != target.name:
+                continue
+            with contextlib.suppress(OSError):  # another process removed or replaced it meanwhile
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
 
 
 def require_extra(module: str, *, install: str, purpose: str) -> Any:

@@ -7,7 +7,6 @@ keyed by its configuration, so a killed sweep resumes without redoing or losing 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -17,17 +16,20 @@ import logging
 import math
 import os
 import platform
-import re
-import secrets
 import socket
-import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from shin_common.files import load_json, write_text_atomic
+
+try:  # POSIX only; elsewhere a store has one writer at a time
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -192,70 +194,9 @@ def provenance(
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON so that ``path`` holds either the old file or the complete new one.
 
-    The data goes to a temporary file ``.<name>.<random>.tmp`` in the same directory, is flushed
-    and fsynced, then renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows). The
-    file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it
-    replaces, or ``0o666`` less the umask for a new one. Temporary files of the same name left
-    over by a writer killed more than an hour ago are removed after a successful write.
+    See :func:`shin_common.files.write_text_atomic` for how (temporary file, fsync, rename).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = _dumps(obj, indent=indent, sort_keys=False) + "\n"
-    fd, tmp_name = _create_temporary(target)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            # An existing file keeps its mode, as with open(path, "w"); a new one was created with
-            # 0o666 less the umask already.
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(tmp_name, stat.S_IMODE(os.stat(target).st_mode))
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _remove_stale_temporaries(target)
-    return target
-
-
-STALE_TEMPORARY_SECONDS = 3600.0
-
-
-def _create_temporary(target: Path) -> tuple[int, str]:
-    """Create ``.<name>.<random>.tmp`` next to ``target`` with mode 0o666 filtered by the umask.
-
-    ``tempfile.mkstemp`` would create it 0o600 regardless of the umask, and the rename would keep
-    that mode for the results file.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(name, flags, 0o666), name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file next to {str(target)!r}")
-
-
-_TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")  # as _create_temporary names them
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Delete temporary files of ``target`` left by killed writers (old enough not to be in use).
-
-    Only names of the exact form :func:`_create_temporary` gives ``target`` count, so writing ``a``
-    never touches the temporaries of ``a.json``.
-    """
-    cutoff = time.time() - STALE_TEMPORARY_SECONDS
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(target.parent):
-            match = _TEMPORARY_NAME.fullmatch(entry.name)
-            if match is None or match["target"] != target.name:
-                continue
-            with contextlib.suppress(OSError):  # another process removed or replaced it meanwhile
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
+    return write_text_atomic(path, _dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def write_run_record(
@@ -277,8 +218,6 @@ def write_run_record(
 
 def read_json(path: str | os.PathLike[str]) -> Any:
     """A JSON file's contents; invalid JSON raises a one-line ``CorruptFileError`` naming the file."""
-    from shin_common.files import load_json
-
     return load_json(path)
 
 
@@ -412,6 +351,10 @@ class JsonlStore:
         line = json.dumps(entry, sort_keys=False, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
+            # Processes of a sharded sweep append to one store: the lock makes the torn-line check
+            # and the write one step (released when the file closes).
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
                 handle.seek(-1, os.SEEK_END)
@@ -421,3 +364,20 @@ class JsonlStore:
             handle.flush()
             os.fsync(handle.fileno())
         return entry
+
+
+def shard(items: Iterable[Any], *, rank: int | None = None, world_size: int | None = None) -> list[Any]:
+    """This process's share of a sweep: every ``world_size``-th item starting at ``rank``.
+
+    Without arguments the rank and world size come from the launcher's environment (``RANK`` and
+    ``WORLD_SIZE``, set by torchrun and accelerate launch); a single process gets everything. The
+    shares of all ranks are disjoint and together are ``items``, so N processes appending to one
+    :class:`JsonlStore` run each item once.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world size")
+    return list(items)[rank::world_size]

@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shin_common.errors import ConfigMismatchError, CorruptFileError, OutputDirectoryError
-from shin_common.files import load_json
-from shin_common.records import _TEMPORARY_NAME, to_jsonable, write_json_atomic, write_run_record
+from shin_common.files import _TEMPORARY_NAME, load_json
+from shin_common.records import to_jsonable, write_json_atomic, write_run_record
 
 MANIFEST_NAME = ".run-manifest.json"
 RESULTS_NAME = "results.json"

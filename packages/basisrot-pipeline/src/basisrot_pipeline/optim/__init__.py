@@ -5,6 +5,7 @@ from basisrot_pipeline.optim.basis_rotation import BasisRotation, eigenbasis, po
 from basisrot_pipeline.optim.factory import (
     OPTIMIZERS,
     OptimConfig,
+    OptimizerVariant,
     build_optimizer,
     lr_factor,
     optimizer_step,
@@ -16,6 +17,7 @@ __all__ = [
     "OPTIMIZERS",
     "BasisRotation",
     "OptimConfig",
+    "OptimizerVariant",
     "adamw",
     "build_optimizer",
     "eigenbasis",

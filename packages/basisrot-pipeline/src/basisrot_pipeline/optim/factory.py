@@ -1,8 +1,14 @@
-"""Optimizer configuration, construction by name, and the per-stage learning-rate schedule."""
+"""Optimizer configuration, construction by name, and the per-stage learning-rate schedule.
+
+Every optimizer is one line in :data:`OPTIMIZERS`: a name and an :class:`OptimizerVariant` (a
+builder of one stage's optimizer, and optionally a delay-dependent learning-rate scale such as
+PipeDream-LR's). ``OptimConfig(name=...)``, the command line and ``--help`` all read the registry.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +17,7 @@ from torch import nn
 from basisrot_pipeline.optim.baselines import adamw, nesterov, pipedream_lr_factor
 from basisrot_pipeline.optim.basis_rotation import GEOMETRIES, SOURCES, BasisRotation
 from basisrot_pipeline.optim.param_groups import rotation_param_groups
-
-OPTIMIZERS = ("adamw", "pipedream-lr", "nesterov", "basis-rotation", "basis-rotation-stage-aware")
+from shin_common import Registry
 
 
 @dataclass(kw_only=True)
@@ -35,8 +40,7 @@ class OptimConfig:
     lr_rescale_span: int = 100
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
+        OPTIMIZERS.get(self.name)  # an unknown name: one line listing the registered ones
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         self.betas = tuple(self.betas)
@@ -77,42 +81,85 @@ def stage_aware_frequencies(delays: tuple[int, ...], base_frequency: int) -> lis
     return [max(1, round(sum(weights) / (budget * w))) for w in weights]
 
 
+@dataclass(frozen=True)
+class OptimizerVariant:
+    """How to build one stage's optimizer by name.
+
+    Attributes:
+        build: ``build(module, config, *, delays, stage)`` -> the ``torch.optim.Optimizer`` of pipeline
+            stage ``stage`` (its delay is ``delays[stage]``) over ``module``'s parameters.
+        lr_scale: ``lr_scale(config, *, step, delay)`` -> a factor on top of warm-up and cosine decay
+            (PipeDream-LR's ``1 / tau^(1-progress)``), or None for none. (Default: None)
+    """
+
+    build: Callable[..., torch.optim.Optimizer]
+    lr_scale: Callable[..., float] | None = None
+
+
+def build_adamw(module: nn.Module, config: OptimConfig, **_: object) -> torch.optim.Optimizer:
+    return adamw(
+        module.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
+
+
+def build_nesterov(module: nn.Module, config: OptimConfig, **_: object) -> torch.optim.Optimizer:
+    return nesterov(
+        module.parameters(),
+        lr=config.lr,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        momentum=config.nesterov_momentum,
+    )
+
+
+def build_basis_rotation(
+    module: nn.Module, config: OptimConfig, *, frequency: int | None = None, **_: object
+) -> torch.optim.Optimizer:
+    """:class:`BasisRotation` on the block matrices (AdamW elsewhere), refreshed every ``frequency`` steps."""
+    frequency = config.precondition_frequency if frequency is None else frequency
+    groups = rotation_param_groups(
+        module,
+        precondition_frequency=frequency,
+        source=config.source,
+        geometry=config.geometry,
+        max_precond_dim=config.max_precond_dim,
+    )
+    return BasisRotation(
+        groups,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        precondition_frequency=frequency,
+        source=config.source,
+        geometry=config.geometry,
+        max_precond_dim=config.max_precond_dim,
+    )
+
+
+def build_stage_aware_basis_rotation(
+    module: nn.Module, config: OptimConfig, *, delays: tuple[int, ...], stage: int, **_: object
+) -> torch.optim.Optimizer:
+    """Basis rotation whose refresh period follows the stage's delay (:func:`stage_aware_frequencies`)."""
+    frequency = stage_aware_frequencies(delays, config.precondition_frequency)[stage]
+    return build_basis_rotation(module, config, frequency=frequency)
+
+
+def pipedream_lr_scale(config: OptimConfig, *, step: int, delay: int) -> float:
+    return pipedream_lr_factor(delay, step, config.lr_rescale_span)
+
+
+OPTIMIZERS: Registry[OptimizerVariant] = Registry("optimizer")
+OPTIMIZERS.add("adamw", OptimizerVariant(build_adamw))
+OPTIMIZERS.add("pipedream-lr", OptimizerVariant(build_adamw, lr_scale=pipedream_lr_scale))
+OPTIMIZERS.add("nesterov", OptimizerVariant(build_nesterov))
+OPTIMIZERS.add("basis-rotation", OptimizerVariant(build_basis_rotation))
+OPTIMIZERS.add("basis-rotation-stage-aware", OptimizerVariant(build_stage_aware_basis_rotation))
+
+
 def build_optimizer(module: nn.Module, config: OptimConfig, *, delays: tuple[int, ...], stage: int):
-    """The optimizer of pipeline stage ``stage`` (its delay is ``delays[stage]``)."""
-    if config.name in ("adamw", "pipedream-lr"):
-        opt = adamw(
-            module.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-        )
-    elif config.name == "nesterov":
-        opt = nesterov(
-            module.parameters(),
-            lr=config.lr,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            momentum=config.nesterov_momentum,
-        )
-    else:
-        frequency = config.precondition_frequency
-        if config.name == "basis-rotation-stage-aware":
-            frequency = stage_aware_frequencies(delays, frequency)[stage]
-        groups = rotation_param_groups(
-            module,
-            precondition_frequency=frequency,
-            source=config.source,
-            geometry=config.geometry,
-            max_precond_dim=config.max_precond_dim,
-        )
-        opt = BasisRotation(
-            groups,
-            lr=config.lr,
-            betas=config.betas,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            precondition_frequency=frequency,
-            source=config.source,
-            geometry=config.geometry,
-            max_precond_dim=config.max_precond_dim,
-        )
+    """The optimizer of pipeline stage ``stage`` (its delay is ``delays[stage]``), by ``config.name``."""
+    opt = OPTIMIZERS.get(config.name).build(module, config, delays=delays, stage=stage)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
     return opt
@@ -126,8 +173,9 @@ def lr_factor(config: OptimConfig, step: int, total_steps: int, delay: int) -> f
         span = max(1, total_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
         factor = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if config.name == "pipedream-lr":
-        factor *= pipedream_lr_factor(delay, step, config.lr_rescale_span)
+    lr_scale = OPTIMIZERS.get(config.name).lr_scale
+    if lr_scale is not None:
+        factor *= lr_scale(config, step=step, delay=delay)
     return factor
 
 

@@ -1,3 +1,0 @@
-from shin_common.cli import main
-
-raise SystemExit(main())
