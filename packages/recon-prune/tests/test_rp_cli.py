@@ -97,7 +97,8 @@ def test_cli_round_trip(model_dir, tmp_path, capsys) -> None:
             ["--seq-len", "65"],
             r"seq_len 65 \(--seq-len, or seq_len in --config/--set\) exceeds the model's context of 64",
         ),
-        (["--set", "seq_len=65"], r"seq_len 65 \(--seq-len, or seq_len in --config/--set\) exceeds"),
+        # SMALL gives --seq-len: a key given by its flag and by --set is refused (the one config grammar)
+        (["--set", "seq_len=65"], r"seq_len is set twice, by its own flag and by --set"),
         (["--device", "gpu"], "device='gpu' is not a device"),
         (["--offload-device", "cuda:7"], "offload_device='cuda:7' but"),
         (["--eval", "stdlib", "--eval-seq-len", "65"], "--eval-seq-len 65 exceeds the model's context of 64"),
@@ -110,6 +111,14 @@ def test_cli_bad_input_writes_nothing(model_dir, tmp_path, capsys, extra, match)
     assert main(args) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_cli_seq_len_from_set_is_named_as_such(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(model_dir), "--output-dir", str(out), "--eval", "none", "--nsamples", "4"]
+    assert main([*args, "--set", "blocksize=16", "--set", "seq_len=65"]) == 2
+    assert re.search(r"seq_len 65 \(--seq-len, or seq_len in --config/--set\) exceeds", capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_cli_short_calibration_text_and_non_empty_output(model_dir, tmp_path, capsys) -> None:
@@ -211,9 +220,11 @@ def test_config_file_and_overrides(model_dir, tmp_path) -> None:
 
 
 def test_cli_bad_device_fails_before_the_model_is_loaded(model_dir, tmp_path, capsys, monkeypatch) -> None:
-    import recon_prune.cli as cli
+    import recon_prune.runs as runs
 
-    monkeypatch.setattr(cli, "_load", lambda name: pytest.fail("the model was loaded before the device was checked"))
+    monkeypatch.setattr(
+        runs, "load_model", lambda name: pytest.fail("the model was loaded before the device was checked")
+    )
     cases = [("gpu", "device='gpu' is not a device")]
     if not torch.cuda.is_available():
         cases.append(("cuda", "device='cuda' but CUDA is not available"))
@@ -223,7 +234,7 @@ def test_cli_bad_device_fails_before_the_model_is_loaded(model_dir, tmp_path, ca
 
 
 def test_cli_vocabulary_is_checked_before_the_dense_evaluation(tmp_path, capsys, monkeypatch) -> None:
-    import recon_prune.cli as cli
+    import recon_prune.runs as runs
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -239,7 +250,9 @@ def test_cli_vocabulary_is_checked_before_the_dense_evaluation(tmp_path, capsys,
     byte_tokenizer().save_pretrained(path)
     text = tmp_path / "calib.txt"
     text.write_text("zzzz " * 200, encoding="utf-8")  # byte 122 is outside a vocabulary of 100
-    monkeypatch.setattr(cli, "_heldout_ppl", lambda *a, **k: pytest.fail("dense perplexity ran before the check"))
+    monkeypatch.setattr(
+        runs, "heldout_perplexity", lambda *a, **k: pytest.fail("dense perplexity ran before the check")
+    )
     args = ["prune", "--model", str(path), "--output-dir", str(tmp_path / "o"), "--calibration", str(text), *SMALL]
     assert main(args) == 2
     assert "calibration token id 122 is outside the model's vocabulary of 100" in capsys.readouterr().err

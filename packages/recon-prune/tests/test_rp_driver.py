@@ -12,6 +12,7 @@ import pytest
 import torch
 from rp_models import VOCAB, make_model
 
+import recon_prune.checkpoint as checkpoint
 import recon_prune.driver as driver
 from recon_prune import CalibrationData, PruneConfig, UnsupportedModelError, prune
 from recon_prune.model_adapter import find_decoder_blocks, find_linears, weight_matrix
@@ -232,7 +233,7 @@ def test_crash_in_the_middle_of_a_checkpoint_save_resumes_exactly(
     reference = make_model("llama", layers=3)
     ref_report = prune(reference, calib_ids, config)
 
-    real_save = driver._Checkpoint._save
+    real_save = checkpoint.Checkpoint._save
     prefix = "block_" if crash == "block file" else "buffers"
 
     def save_then_die(self, name: str, obj) -> None:
@@ -240,10 +241,10 @@ def test_crash_in_the_middle_of_a_checkpoint_save_resumes_exactly(
         if name.startswith(prefix) and "step0002" in name:  # the first such file of block 1's save
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver._Checkpoint, "_save", save_then_die)
+    monkeypatch.setattr(checkpoint.Checkpoint, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         prune(make_model("llama", layers=3), calib_ids, config, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(driver._Checkpoint, "_save", real_save)
+    monkeypatch.setattr(checkpoint.Checkpoint, "_save", real_save)
     assert list(tmp_path.glob(f"{prefix}*step0002.pt"))  # the orphan the committed state must ignore
     resumed = make_model("llama", layers=3)
     report = prune(resumed, calib_ids, config, checkpoint_dir=tmp_path)
@@ -262,7 +263,9 @@ def test_checkpoint_of_other_weights_of_the_same_architecture_is_refused(calib_i
 
     with pytest.raises(KeyboardInterrupt):
         prune(make_model("llama", seed=0), calib_ids, config, checkpoint_dir=tmp_path, block_callback=stop)
-    assert driver._weights_digest(make_model("llama", seed=0)) == driver._weights_digest(make_model("llama", seed=0))
+    assert checkpoint.weights_digest(make_model("llama", seed=0)) == checkpoint.weights_digest(
+        make_model("llama", seed=0)
+    )
     with pytest.raises(ValueError, match="belongs to a different run \\(other model weights"):
         prune(make_model("llama", seed=1), calib_ids, config, checkpoint_dir=tmp_path)
     report = prune(make_model("llama", seed=0), calib_ids, config, checkpoint_dir=tmp_path)
@@ -367,7 +370,7 @@ def test_checkpoint_files_are_fsynced_before_the_state_commits_them(
 ) -> None:
     directory = os.path.realpath(tmp_path)
     events: list[tuple[str, str]] = []
-    real_fsync, real_commit = os.fsync, driver.write_json_atomic
+    real_fsync, real_commit = os.fsync, checkpoint.write_json_atomic
 
     def recording_fsync(fd: int) -> None:
         real_fsync(fd)
@@ -379,7 +382,7 @@ def test_checkpoint_files_are_fsynced_before_the_state_commits_them(
         return result
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(driver, "write_json_atomic", recording_commit)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", recording_commit)
     prune(
         make_model("llama", layers=3), calib_ids, PruneConfig(reconstruction="br+cr", **FAST), checkpoint_dir=tmp_path
     )

@@ -159,7 +159,15 @@ def _garbage_bin_weights(tmp, model_dir):
     return ["prune", "--model", str(model), "--output-dir", "out"], "pytorch_model.bin' is corrupt"
 
 
+def _generate_into_a_directory(tmp, model_dir):
+    (tmp / "existing").mkdir()
+    return ["generate-calibration", "--model", str(model_dir), "--output", "existing", "--overwrite"], (
+        "--output 'existing' is a directory; expected a file path"
+    )
+
+
 CASES = [
+    _generate_into_a_directory,
     _output_is_a_file,
     _output_under_a_file,
     _output_is_the_working_directory,
@@ -174,17 +182,27 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__.strip("_"))
-def test_refused_inputs_give_one_line_and_change_nothing(case, model_dir, tmp_path, capsys, monkeypatch):
+def test_refused_inputs_give_one_line_and_change_nothing(case, model_dir, tmp_path, monkeypatch):
+    """Through the console script: stderr is the error line alone, so no model was loaded or pruned
+    (its progress bar and per-block log lines would come first) and no perplexity computed."""
     if case is _eval_tasks_without_lm_eval and _has_lm_eval():
         pytest.skip("lm-eval is installed here")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("the user's notes")
     argv, named = case(tmp_path, model_dir)
     before = _snapshot(tmp_path)
-    assert main([*argv, *SMALL] if argv[0] == "prune" else argv) == 2
-    assert named in _one_line_error(capsys, argv[0])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SHIN_DEBUG", None)
+    argv = [*argv, *SMALL] if argv[0] == "prune" else argv
+    result = subprocess.run(
+        [sys.executable, "-m", "recon_prune", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith(f"recon-prune {argv[0]}: error: ") and named in lines[0], lines[0]
     assert _snapshot(tmp_path) == before
-    assert "perplexity" not in capsys.readouterr().out  # refused before any evaluation
 
 
 def test_crafted_model_weights_are_refused_without_running(model_dir, tmp_path, capsys):

@@ -18,14 +18,20 @@ _EXPORTS = {
     "PruneConfig": "recon_prune.config",
     "ReconstructionHParams": "recon_prune.config",
     "parse_pattern": "recon_prune.config",
-    "PruneReport": "recon_prune.driver",
     "prune": "recon_prune.driver",
+    "heldout_ids": "recon_prune.evaluate",
     "perplexity": "recon_prune.evaluate",
     "sparsity_report": "recon_prune.evaluate",
     "UnsupportedModelError": "recon_prune.model_adapter",
     "find_decoder_blocks": "recon_prune.model_adapter",
     "find_linears": "recon_prune.model_adapter",
+    "MASK_METHODS": "recon_prune.methods",
+    "RECONSTRUCTIONS": "recon_prune.methods",
+    "MaskMethod": "recon_prune.methods",
+    "Reconstruction": "recon_prune.methods",
+    "PruneReport": "recon_prune.report",
     "SparseGPT": "recon_prune.sparsegpt",
+    "load_model_and_tokenizer": "recon_prune.tiny_model",
 }
 
 
@@ -45,9 +51,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "MASK_METHODS",
+    "RECONSTRUCTIONS",
     "CalibrationData",
+    "MaskMethod",
     "PruneConfig",
     "PruneReport",
+    "Reconstruction",
     "ReconstructionHParams",
     "SparseGPT",
     "UnsupportedModelError",
@@ -56,6 +66,8 @@ __all__ = [
     "find_decoder_blocks",
     "find_linears",
     "generate_self_calibration",
+    "heldout_ids",
+    "load_model_and_tokenizer",
     "parse_pattern",
     "perplexity",
     "prune",

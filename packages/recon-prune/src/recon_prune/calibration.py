@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recon_prune.model_adapter import max_positions
+
 log = logging.getLogger(__name__)
 
 ONLINE_SOURCES = ("wikitext2", "c4")
@@ -264,8 +266,6 @@ def generate_self_calibration(
     batch_size: int = 8,
 ) -> torch.Tensor:
     """``count`` sequences of ``seq_len`` tokens sampled from ``model`` (Shin et al. 2024, Sec. 5)."""
-    from recon_prune.driver import max_positions
-
     limit = max_positions(model)
     if limit is not None and seq_len > limit:  # the released code overflowed OPT's position buffer here
         raise ValueError(f"self-generated length {seq_len} exceeds the model's context of {limit} positions")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-RECONSTRUCTIONS = ("none", "lr", "br", "br+gp", "br+cr", "br+gp+cr")
+from recon_prune.methods import DENSE_PATH_TARGET, MASK_METHODS, RECONSTRUCTIONS, MaskMethod, Reconstruction
+
 # Spellings users type; "cr" alone is CR without GP (the window objective replaces per-block BR).
 _RECON_ALIASES = {
     "cr": "br+cr",
@@ -108,12 +108,14 @@ class PruneConfig:
     """What to prune, how, and how to reconstruct.
 
     Attributes:
-        method: ``magnitude``, ``wanda`` or ``sparsegpt``. (Default: sparsegpt)
+        method: a registered mask method (:data:`recon_prune.methods.MASK_METHODS`): ``magnitude``,
+            ``wanda`` or ``sparsegpt`` built in. (Default: sparsegpt)
         sparsity: fraction of weights of every linear layer in the decoder blocks set to zero, in
             [0, 1). For an N:M pattern it is N/M and may be left out. (Default: 0.5)
         pattern: ``unstructured`` or ``N:M`` (prune N of every M consecutive input weights per row).
-        reconstruction: ``none``, ``lr`` (SparseGPT's closed-form update; nothing for magnitude and
-            Wanda), ``br``, ``br+gp``, ``br+gp+cr`` or ``br+cr`` (alias ``cr``: CR without GP).
+        reconstruction: a registered technique (:data:`recon_prune.methods.RECONSTRUCTIONS`):
+            ``none``, ``lr`` (SparseGPT's closed-form update; nothing for magnitude and Wanda),
+            ``br``, ``br+gp``, ``br+gp+cr`` or ``br+cr`` (alias ``cr``: CR without GP).
             For SparseGPT every option but ``none`` starts from the LR-updated weights. (Default: br+gp)
         preset: reconstruction/calibration preset, ``cpu`` or ``paper``. (Default: cpu)
         lr, epochs, batch_size, weight_decay, grad_clip: override the preset's value when set.
@@ -150,8 +152,8 @@ class PruneConfig:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method not in MASK_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(MASK_METHODS)}")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = nm[0] / nm[1]
@@ -201,26 +203,37 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
     @property
+    def mask_method(self) -> MaskMethod:
+        """The registered :class:`~recon_prune.methods.MaskMethod` named by ``method``."""
+        return MASK_METHODS.get(self.method)
+
+    @property
+    def technique(self) -> Reconstruction:
+        """The registered :class:`~recon_prune.methods.Reconstruction` named by ``reconstruction``."""
+        return RECONSTRUCTIONS.get(self.reconstruction)
+
+    @property
     def uses_block_training(self) -> bool:
-        return self.reconstruction not in ("none", "lr")
+        return self.technique.target is not None
 
     @property
     def uses_gp(self) -> bool:
-        return "gp" in self.reconstruction
+        return self.technique.target == DENSE_PATH_TARGET
 
     @property
     def uses_cr(self) -> bool:
-        return "cr" in self.reconstruction
+        return self.technique.window == 2
 
     @property
     def reconstruction_is_a_no_op(self) -> bool:
         """``lr`` is SparseGPT's closed-form OBS update (the spec's LR); magnitude and Wanda have none."""
-        return self.reconstruction == "lr" and self.method != "sparsegpt"
+        technique = self.technique
+        return technique.target is None and technique.keeps_weight_update and not self.mask_method.updates_weights
 
     @property
     def uses_obs_update(self) -> bool:
         """SparseGPT's closed-form weight update (LR) is applied unless reconstruction is none."""
-        return self.method == "sparsegpt" and self.reconstruction != "none"
+        return self.mask_method.updates_weights and self.technique.keeps_weight_update
 
     def resolved_nsamples(self) -> int:
         return self.nsamples if self.nsamples is not None else PRESETS[self.preset]["nsamples"]

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recon_prune.model_adapter import find_decoder_blocks, find_linears, max_positions
+
 log = logging.getLogger(__name__)
 
 
@@ -49,8 +51,6 @@ def default_eval_seq_len(model: nn.Module) -> int:
     """Chunk length for perplexity: the recorded pretraining window, else the model's context length
     (Wanda, Sun et al. 2024: ``seqlen = model.config.max_position_embeddings``) capped at 4096;
     2048 when the config records no context."""
-    from recon_prune.driver import max_positions
-
     limit = max_positions(model)
     trained = trained_seq_len(model)
     if trained is not None:
@@ -100,8 +100,6 @@ def heldout_ids(source: str, tokenizer: Any) -> torch.Tensor:
 
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     """Fraction of exactly-zero weights in every prunable linear layer of the decoder blocks."""
-    from recon_prune.model_adapter import find_decoder_blocks, find_linears
-
     path, blocks = find_decoder_blocks(model)
     layers: dict[str, float] = {}
     zeros = total = 0

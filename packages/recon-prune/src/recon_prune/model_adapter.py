@@ -52,6 +52,17 @@ def _expected_layers(model: nn.Module) -> int | None:
     return None
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The model's context length from its config (``max_position_embeddings``, GPT-2's ``n_positions``
+    or ``n_ctx``), or None when the config records none."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(dotted_path, blocks)`` of the model's decoder blocks or raise UnsupportedModelError."""
     expected = _expected_layers(model)
