@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from cbm_intervene.cli import file_sha256, main
+from cbm_intervene.cli import main
 from cbm_intervene.data import save_predictions
+from cbm_intervene.experiments import file_sha256
 from cbm_intervene.models import TargetModelSpec
 
 TINY = [
@@ -39,7 +40,7 @@ def test_train_then_intervene(tmp_path, capsys):
         )
         == 0
     )
-    record = json.loads((run / "train_record.json").read_text())
+    record = json.loads((run / "results.json").read_text())
     assert record["config"]["train"]["strategy"] == "SEQ" and "test_task_error" in record["metrics"]
     assert (
         record["versions"]["torch"]
@@ -52,7 +53,7 @@ def test_train_then_intervene(tmp_path, capsys):
         main([*argv, "--criteria", "RAND", "LCP", "ECTP", "--budgets", "2", "--target-error", "0.5", "--tau-f", "0.1"])
         == 0
     )
-    result = json.loads((out / "intervention.json").read_text())
+    result = json.loads((out / "results.json").read_text())
     assert set(result["curves"]) == {"I+S", "G+S", "I+B", "G+B"}
     curve = result["curves"]["I+S"]["RAND"]
     assert curve["n_runs"] == 2 and len(curve["error_mean"]) == 9
@@ -68,7 +69,7 @@ def test_train_then_intervene(tmp_path, capsys):
         == 0
     )
     assert (out / "cells.jsonl").read_text().splitlines() == cells
-    assert json.loads((out / "intervention.json").read_text())["curves"] == result["curves"]
+    assert json.loads((out / "results.json").read_text())["curves"] == result["curves"]
 
 
 def test_rewritten_predictions_are_not_served_from_a_finished_run(tmp_path, predictions_factory, capsys):
@@ -82,16 +83,16 @@ def test_rewritten_predictions_are_not_served_from_a_finished_run(tmp_path, pred
     argv += ["--levels", "i+s", "--budgets"]  # levels are matched case-insensitively, as in the engine
 
     def curve() -> list[float]:
-        return json.loads((out / "intervention.json").read_text())["curves"]["I+S"]["UCP"]["error_mean"]
+        return json.loads((out / "results.json").read_text())["curves"]["I+S"]["UCP"]["error_mean"]
 
     save_predictions(path, predictions_factory("prob", seed=0), target_model=target, target_spec=spec)
     assert main(argv) == 0
-    first, results = curve(), (out / "intervention.json").read_bytes()
+    first, results = curve(), (out / "results.json").read_bytes()
     save_predictions(path, predictions_factory("prob", seed=1), target_model=target, target_spec=spec)
     capsys.readouterr()
     assert main(argv) == 2
     assert "differing: predictions_sha256" in capsys.readouterr().err
-    assert (out / "intervention.json").read_bytes() == results  # refused: nothing changed
+    assert (out / "results.json").read_bytes() == results  # refused: nothing changed
     assert main([*argv, "--overwrite"]) == 0
     assert curve() != first
     assert len((out / "cells.jsonl").read_text().splitlines()) == 1
@@ -113,7 +114,7 @@ def test_bad_cli_inputs(tmp_path, capsys):
 
 def test_demo_quick(tmp_path):
     assert main(["demo", "--output-dir", str(tmp_path), "--quick", "--strategies", "IND", "JNT", "--seeds", "0"]) == 0
-    record = json.loads((tmp_path / "demo_results.json").read_text())
+    record = json.loads((tmp_path / "results.json").read_text())
     assert set(record["metrics"]) == {"IND", "JNT"}
     for level in ("I+S", "G+S", "I+B", "G+B"):
         assert set(record["metrics"]["IND"]["summary"][level]) == {"RAND", "UCP", "LCP", "CCTP", "ECTP", "EUDTP"}

@@ -273,14 +273,14 @@ def test_skincon_balanced_error_reaches_intervene_by_default(tmp_path, capsys):
     argv = ["intervene", "--predictions", str(path), "--criteria", "UCP", "--seeds", "0", "--no-plot", "--budgets"]
     assert main([*argv, "--output-dir", str(out)]) == 0
     assert "metric: balanced_error (from the predictions' metadata" in capsys.readouterr().out
-    record = json.loads((out / "intervention.json").read_text())
+    record = json.loads((out / "results.json").read_text())
     assert record["config"]["intervention"]["metric"] == "balanced_error"
     with torch.no_grad():
         predicted = target(values).argmax(1)
     expected = error_rate(predicted, torch.as_tensor(test["labels"]), 2, balanced=True)
     assert record["curves"]["I+S"]["UCP"]["error_mean"][0] == pytest.approx(expected)
     assert main([*argv, "--output-dir", str(tmp_path / "plain"), "--metric", "error"]) == 0
-    plain = json.loads((tmp_path / "plain" / "intervention.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
     assert plain["config"]["intervention"]["metric"] == "error"
     with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
         ConceptPredictions(**{**predictions.__dict__, "metric": "accuracy"})

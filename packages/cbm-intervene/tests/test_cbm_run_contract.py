@@ -267,7 +267,7 @@ def test_finished_run_is_reported_and_overwrite_replaces_only_its_own_files(tmp_
 
     replaced = cli(train_argv(run, "IND", "--overwrite"), cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr
-    record = json.loads((run / "train_record.json").read_text())
+    record = json.loads((run / "results.json").read_text())
     assert record["config"]["train"]["strategy"] == "IND"
     assert record["package"]["name"] == "cbm-intervene" and "git" in record
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -301,11 +301,11 @@ def test_ctrl_c_ends_train_in_one_line_and_a_rerun_resumes(tmp_path):
     assert process.returncode == 130, stderr
     assert_one_line_error(stderr, "cbm-intervene train: interrupted; rerun the same command to resume")
     assert not json.loads((run / MANIFEST).read_text())["finished"]
-    assert not (run / "train_record.json").exists()
+    assert not (run / "results.json").exists()
     assert not [p.name for p in run.rglob("*.tmp")]  # nothing half-written left behind
 
     rerun = cli(argv, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
-    record = json.loads((run / "train_record.json").read_text())
+    record = json.loads((run / "results.json").read_text())
     assert record["resumed"] is True and len(record["history"]["joint"]) == 300
     assert json.loads((run / MANIFEST).read_text())["finished"]

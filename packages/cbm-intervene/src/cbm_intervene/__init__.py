@@ -16,29 +16,59 @@ from cbm_intervene.data import (
     make_synthetic,
     save_predictions,
 )
+from cbm_intervene.grid import evaluate_grid
 from cbm_intervene.intervention import (
+    CRITERIA,
+    LEVELS,
     CostModel,
+    Criterion,
     InterventionConfig,
     InterventionCurve,
+    ScoringContext,
+    get_criterion,
     register_criterion,
     run_intervention,
 )
-from cbm_intervene.models import TrainConfig, train_cbm
+from cbm_intervene.models import (
+    TRAINING_STRATEGIES,
+    TrainConfig,
+    TrainedCBM,
+    TrainingRun,
+    TrainingStrategy,
+    load_cbm,
+    save_cbm,
+    train_cbm,
+)
+from cbm_intervene.networks import TargetModelSpec, mlp
 
 __all__ = [
+    "CRITERIA",
+    "LEVELS",
+    "TRAINING_STRATEGIES",
     "ConceptDataset",
     "ConceptGroups",
     "ConceptPredictions",
     "CostModel",
+    "Criterion",
     "InterventionConfig",
     "InterventionCurve",
+    "ScoringContext",
     "SyntheticConfig",
+    "TargetModelSpec",
     "TrainConfig",
+    "TrainedCBM",
+    "TrainingRun",
+    "TrainingStrategy",
     "__version__",
+    "evaluate_grid",
+    "get_criterion",
+    "load_cbm",
     "load_predictions",
     "make_synthetic",
+    "mlp",
     "register_criterion",
     "run_intervention",
+    "save_cbm",
     "save_predictions",
     "train_cbm",
 ]

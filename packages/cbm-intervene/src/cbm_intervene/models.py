@@ -22,15 +22,14 @@ modules it built itself, and :func:`load_cbm` fills the instances you pass for c
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,78 +37,52 @@ from torch import nn
 from torch.nn import functional as F
 
 from cbm_intervene.data.core import ConceptDataset
-from shin_common import CorruptFileError, load_torch, save_torch_atomic
+from cbm_intervene.data.predictions import ConceptPredictions
+from cbm_intervene.networks import TargetModelSpec, check_module_widths, mlp, mlp_sizes
+from shin_common import CorruptFileError, Registry, load_torch, save_torch_atomic
 
-if TYPE_CHECKING:
-    from cbm_intervene.data.predictions import ConceptPredictions
+# mlp, TargetModelSpec, check_module_widths and mlp_sizes live in cbm_intervene.networks; they are
+# re-exported here, where they were first published
+__all__ = [
+    "BOTTLENECK_KIND",
+    "STRATEGIES",
+    "TRAINING_STRATEGIES",
+    "ConceptBottleneckModel",
+    "TargetModelSpec",
+    "TrainConfig",
+    "TrainedCBM",
+    "TrainingRun",
+    "TrainingStrategy",
+    "check_module_widths",
+    "checkpoint_files",
+    "fit",
+    "load_cbm",
+    "mlp",
+    "mlp_sizes",
+    "save_cbm",
+    "stage_names",
+    "train_cbm",
+]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("IND", "SEQ", "JNT", "JNT+P")
-#: Which bottleneck each strategy feeds to f: probabilities or logits.
-BOTTLENECK_KIND = {"IND": "prob", "SEQ": "logit", "JNT": "logit", "JNT+P": "prob"}
+
+@dataclass(frozen=True)
+class TrainingStrategy:
+    """How a strategy trains g and f: the bottleneck f reads (``"prob"`` or ``"logit"``), its stages in
+    the order it fits them (named as in checkpoint files), and ``train(run) -> {history name: validation
+    losses}``, which fits ``run.concept_model`` / ``run.target_model`` / ``run.model`` through
+    :meth:`TrainingRun.fit_stage`."""
+
+    bottleneck_kind: str
+    stages: tuple[str, ...]
+    train: Callable[[TrainingRun], dict[str, list[float]]]
 
 
-def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of the given sizes with ReLU between them (none after the last)."""
-    if len(sizes) < 2 or any(s <= 0 for s in sizes):
-        raise ValueError(f"mlp needs at least two positive layer sizes, got {list(sizes)}")
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
-
-
-@dataclass(kw_only=True)
-class TargetModelSpec:
-    """Architecture of the concept-to-target model f: linear (``hidden=()``, default) or an MLP."""
-
-    n_concepts: int
-    n_classes: int
-    hidden: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if self.n_concepts <= 0 or self.n_classes <= 1:
-            raise ValueError(
-                f"target model needs n_concepts >= 1 and n_classes >= 2, got {self.n_concepts}, {self.n_classes}"
-            )
-
-    def build(self) -> nn.Module:
-        return mlp([self.n_concepts, *self.hidden, self.n_classes])
-
-    def load(self, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-        """Build f and fill it with ``state_dict``, checked strictly against this spec.
-
-        :meth:`build` returns an ``nn.Sequential`` (keys ``0.weight``, ``0.bias``, ``2.weight``, ...);
-        for a linear spec the keys of a bare ``nn.Linear`` (``weight``, ``bias``) are accepted too.
-        Raises ``ValueError`` naming missing, unexpected or wrongly shaped weights.
-        """
-        model = self.build()
-        state = dict(state_dict)
-        if not self.hidden and set(state) == {"weight", "bias"}:
-            state = {f"0.{name}": value for name, value in state.items()}
-        expected = model.state_dict()
-        problems = []
-        if missing := sorted(set(expected) - set(state)):
-            problems.append(f"missing {missing}")
-        if unexpected := sorted(set(state) - set(expected)):
-            problems.append(f"unexpected {unexpected}")
-        for name in sorted(set(expected) & set(state)):
-            if tuple(state[name].shape) != tuple(expected[name].shape):
-                problems.append(f"{name} has shape {tuple(state[name].shape)}, expected {tuple(expected[name].shape)}")
-        if problems:
-            architecture = " -> ".join(str(size) for size in (self.n_concepts, *self.hidden, self.n_classes))
-            raise ValueError(
-                f"target model weights do not fit the spec (an MLP {architecture}; keys {sorted(expected)}): "
-                + "; ".join(problems)
-            )
-        model.load_state_dict(state)
-        return model.eval()
+#: The training strategies by name; one ``TRAINING_STRATEGIES.add(name, TrainingStrategy(...))`` line adds one.
+TRAINING_STRATEGIES: Registry[TrainingStrategy] = Registry("training strategy")
+#: The names of the registered strategies (the registry itself, so strategies added later count too).
+STRATEGIES = TRAINING_STRATEGIES
 
 
 @dataclass(kw_only=True)
@@ -181,8 +154,6 @@ class TrainedCBM:
     def concept_predictions(self, data: ConceptDataset, split: str = "test") -> ConceptPredictions:
         """The bottleneck on ``split`` as :class:`ConceptPredictions`, ready for intervention, with
         the training split's bottleneck as reference for the logit percentile replacement values."""
-        from cbm_intervene.data.predictions import ConceptPredictions
-
         return ConceptPredictions.from_dataset(
             data,
             split,
@@ -203,7 +174,7 @@ PROGRESS_SECONDS = 1.0
 
 def stage_names(strategy: str) -> tuple[str, ...]:
     """The training stages of ``strategy``, as named in checkpoint files (``<stage>.pt``)."""
-    return ("concept_model", "target_model") if strategy in ("IND", "SEQ") else ("joint_model",)
+    return TRAINING_STRATEGIES.get(strategy).stages
 
 
 def checkpoint_files(strategy: str) -> list[str]:
@@ -312,6 +283,113 @@ def fit(
     return history
 
 
+@dataclass
+class TrainingRun:
+    """What a :class:`TrainingStrategy` trains: the CBM, its config, the splits as tensors
+    ``(features, concepts, labels)``, and where stages keep their checkpoints."""
+
+    model: ConceptBottleneckModel
+    config: TrainConfig
+    train_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    val_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    checkpoint_dir: str | Path | None = None
+    resume: bool = False
+
+    @property
+    def concept_model(self) -> nn.Module:
+        return self.model.concept_model
+
+    @property
+    def target_model(self) -> nn.Module:
+        return self.model.target_model
+
+    def fit_stage(
+        self,
+        module: nn.Module,
+        loss: Callable[[torch.Tensor], torch.Tensor],
+        val_loss: Callable[[], float],
+        name: str,
+    ) -> list[float]:
+        """:func:`fit` ``module`` on ``loss(batch indices)`` with early stopping on ``val_loss()``;
+        ``name`` is the stage's checkpoint name. Returns the validation losses per epoch."""
+        n_train = len(self.train_split[2])
+        return fit(
+            module,
+            loss,
+            val_loss,
+            n_train,
+            self.config,
+            name=name,
+            checkpoint_dir=self.checkpoint_dir,
+            resume=self.resume,
+        )
+
+
+def _train_concepts_then_target(run: TrainingRun, *, target_reads_true_concepts: bool) -> dict[str, list[float]]:
+    """IND and SEQ: fit g on the concepts, then f on the true concepts (IND) or g's frozen logits (SEQ)."""
+    (x_tr, c_tr, y_tr), (x_va, c_va, y_va) = run.train_split, run.val_split
+    g, f = run.concept_model, run.target_model
+    history = {
+        "concept": run.fit_stage(
+            g,
+            lambda i: F.binary_cross_entropy_with_logits(g(x_tr[i]), c_tr[i]),
+            lambda: F.binary_cross_entropy_with_logits(g(x_va), c_va).item(),
+            "concept_model",
+        )
+    }
+    g.eval()
+    if target_reads_true_concepts:
+        inputs_tr, inputs_va = c_tr, c_va
+    else:
+        with torch.no_grad():
+            inputs_tr, inputs_va = g(x_tr), g(x_va)
+    history["target"] = run.fit_stage(
+        f,
+        lambda i: F.cross_entropy(f(inputs_tr[i]), y_tr[i]),
+        lambda: F.cross_entropy(f(inputs_va), y_va).item(),
+        "target_model",
+    )
+    return history
+
+
+def _train_independent(run: TrainingRun) -> dict[str, list[float]]:
+    return _train_concepts_then_target(run, target_reads_true_concepts=True)
+
+
+def _train_sequential(run: TrainingRun) -> dict[str, list[float]]:
+    return _train_concepts_then_target(run, target_reads_true_concepts=False)
+
+
+def _train_jointly(run: TrainingRun) -> dict[str, list[float]]:
+    """JNT and JNT+P: g and f end to end on ``CE(f(bottleneck), y) + lambda * sum_k BCE(logit_k, c_k)``."""
+    (x_tr, c_tr, y_tr), (x_va, c_va, y_va) = run.train_split, run.val_split
+    lam = run.config.concept_loss_weight
+
+    def joint_loss(x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, out = run.model(x)
+        # sum over concepts, mean over samples (Koh et al.'s lambda * sum_k L_Ck)
+        concept_loss = F.binary_cross_entropy_with_logits(logits, c, reduction="none").sum(1).mean()
+        return F.cross_entropy(out, y) + lam * concept_loss
+
+    return {
+        "joint": run.fit_stage(
+            run.model,
+            lambda i: joint_loss(x_tr[i], c_tr[i], y_tr[i]),
+            lambda: joint_loss(x_va, c_va, y_va).item(),
+            "joint_model",
+        )
+    }
+
+
+_STAGED = ("concept_model", "target_model")
+TRAINING_STRATEGIES.add("IND", TrainingStrategy("prob", _STAGED, _train_independent))
+TRAINING_STRATEGIES.add("SEQ", TrainingStrategy("logit", _STAGED, _train_sequential))
+TRAINING_STRATEGIES.add("JNT", TrainingStrategy("logit", ("joint_model",), _train_jointly))
+TRAINING_STRATEGIES.add("JNT+P", TrainingStrategy("prob", ("joint_model",), _train_jointly))
+#: Which bottleneck each built-in strategy feeds to f (any registered one: ``TRAINING_STRATEGIES.get(name).bottleneck_kind``).
+BOTTLENECK_KIND = {name: TRAINING_STRATEGIES.get(name).bottleneck_kind for name in TRAINING_STRATEGIES}
+
+
 def _read_progress(path: Path, config: TrainConfig) -> dict[str, Any]:
     state = load_torch(path, map_location="cpu")
     if not isinstance(state, dict) or state.get("format") != "cbm-intervene-progress/1":
@@ -322,48 +400,6 @@ def _read_progress(path: Path, config: TrainConfig) -> dict[str, Any]:
             "delete it or train without resume"
         )
     return state
-
-
-def check_module_widths(
-    module: nn.Module,
-    role: str,
-    n_inputs: int,
-    n_outputs: int,
-    *,
-    source: str,
-    outputs: str,
-    probe: torch.Tensor | None = None,
-) -> None:
-    """Fail early, naming both widths, when ``module`` cannot read ``(B, n_inputs)`` inputs or does
-    not return a ``(B, n_outputs)`` tensor of ``outputs``; ``source`` says where ``n_inputs`` comes
-    from (e.g. "the predictions have 6 concepts").
-
-    The probe (default: two rows of zeros) runs under ``torch.no_grad()`` in eval mode, so modules
-    with running statistics (BatchNorm) are left as they were; every submodule's training flag is
-    restored afterwards.
-    """
-    probe = torch.zeros(2, n_inputs) if probe is None else probe
-    flags = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(probe)
-    except Exception as exc:  # any failure on a correctly sized probe is a width or interface problem
-        first_linear = next((layer for layer in module.modules() if isinstance(layer, nn.Linear)), None)
-        if first_linear is not None and first_linear.in_features != n_inputs:
-            raise ValueError(
-                f"{role} expects {first_linear.in_features} inputs (its first nn.Linear layer), but {source}"
-            ) from exc
-        raise ValueError(f"{role} cannot read inputs of width {n_inputs} ({source}): {exc}") from exc
-    finally:
-        for submodule, training in flags:
-            submodule.training = training
-    expected = (probe.shape[0], n_outputs)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-        raise ValueError(
-            f"{role} maps {tuple(probe.shape)} inputs to {got}, expected a tensor of shape {expected} ({outputs})"
-        )
 
 
 def train_cbm(
@@ -426,75 +462,22 @@ def train_cbm(
             outputs=f"{data.n_classes} class logits",
         )
         f = target_model
-    kind = BOTTLENECK_KIND[config.strategy]
-    model = ConceptBottleneckModel(g, f, kind)
-    history: dict[str, list[float]] = {}
-    ckpt = checkpoint_dir
-
-    if config.strategy in ("IND", "SEQ"):
-        history["concept"] = fit(
-            g,
-            lambda i: F.binary_cross_entropy_with_logits(g(x_tr[i]), c_tr[i]),
-            lambda: F.binary_cross_entropy_with_logits(g(x_va), c_va).item(),
-            len(y_tr),
-            config,
-            name="concept_model",
-            checkpoint_dir=ckpt,
-            resume=resume,
-        )
-        g.eval()
-        if config.strategy == "IND":
-            inputs_tr, inputs_va = c_tr, c_va  # f learns from the true concepts
-        else:
-            with torch.no_grad():
-                inputs_tr, inputs_va = g(x_tr), g(x_va)  # f learns from g's frozen logits
-        history["target"] = fit(
-            f,
-            lambda i: F.cross_entropy(f(inputs_tr[i]), y_tr[i]),
-            lambda: F.cross_entropy(f(inputs_va), y_va).item(),
-            len(y_tr),
-            config,
-            name="target_model",
-            checkpoint_dir=ckpt,
-            resume=resume,
-        )
-    else:
-        lam = config.concept_loss_weight
-
-        def joint_loss(x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            logits, out = model(x)
-            # sum over concepts, mean over samples (Koh et al.'s lambda * sum_k L_Ck)
-            concept_loss = F.binary_cross_entropy_with_logits(logits, c, reduction="none").sum(1).mean()
-            return F.cross_entropy(out, y) + lam * concept_loss
-
-        history["joint"] = fit(
-            model,
-            lambda i: joint_loss(x_tr[i], c_tr[i], y_tr[i]),
-            lambda: joint_loss(x_va, c_va, y_va).item(),
-            len(y_tr),
-            config,
-            name="joint_model",
-            checkpoint_dir=ckpt,
-            resume=resume,
-        )
+    strategy = TRAINING_STRATEGIES.get(config.strategy)
+    model = ConceptBottleneckModel(g, f, strategy.bottleneck_kind)
+    run = TrainingRun(
+        model=model,
+        config=config,
+        train_split=(x_tr, c_tr, y_tr),
+        val_split=(x_va, c_va, y_va),
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    history = strategy.train(run)
     model.eval()
     trained = TrainedCBM(model=model, config=config, target_spec=spec, history=history, concept_sizes=concept_sizes)
     if checkpoint_dir is not None:
         save_cbm(trained, Path(checkpoint_dir) / "cbm.pt")
     return trained
-
-
-def mlp_sizes(module: nn.Module) -> list[int] | None:
-    """The layer sizes ``s`` with ``mlp(s)`` of the same architecture as ``module``, or ``None`` when
-    ``module`` is not such an MLP (an ``nn.Sequential`` of Linear layers with ReLU between them)."""
-    if not isinstance(module, nn.Sequential) or not len(module) or not isinstance(module[0], nn.Linear):
-        return None
-    linears = [layer for layer in module if isinstance(layer, nn.Linear)]
-    sizes = [layer.in_features for layer in linears] + [linears[-1].out_features]
-    rebuilt = mlp(sizes)
-    same_layers = [type(layer) for layer in rebuilt] == [type(layer) for layer in module]
-    same_bias = all((a.bias is None) == (b.bias is None) for a, b in zip(linears, rebuilt[::2], strict=True))
-    return sizes if same_layers and same_bias else None
 
 
 def save_cbm(trained: TrainedCBM, path: str | Path) -> Path:

@@ -15,10 +15,7 @@ reports an unreadable file as :class:`shin_common.CorruptFileError` naming it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,9 @@ from torch import nn
 
 from cbm_intervene.data.core import ConceptDataset, ConceptGroups, check_binary
 from cbm_intervene.metrics import METRICS
-from cbm_intervene.models import TargetModelSpec
+from cbm_intervene.networks import TargetModelSpec
 from shin_common import CorruptFileError, load_npz, load_torch, save_torch_atomic
+from shin_common.files import write_atomic
 
 KINDS = ("prob", "logit")
 _ARRAYS = ("values", "true_concepts", "labels", "visibility", "reference_values", "instance_concepts")
@@ -206,30 +204,12 @@ def save_predictions(
     if path.suffix == ".pt":
         save_torch_atomic({"meta": meta, "arrays": {k: v.detach().cpu() for k, v in arrays.items()}}, path)
     else:
-        _savez_atomic(
-            path, {"__meta__": np.array(json.dumps(meta)), **{k: v.detach().cpu().numpy() for k, v in arrays.items()}}
-        )
+        numpy_arrays = {
+            "__meta__": np.array(json.dumps(meta)),
+            **{k: v.detach().cpu().numpy() for k, v in arrays.items()},
+        }
+        write_atomic(path, lambda handle: np.savez(handle, **numpy_arrays))
     return path
-
-
-def _savez_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary file next to ``path``, renamed over it: never a torn file.
-
-    The temporary is created with mode 0o666 less the umask, as ``open`` would create ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_predictions(path: str | Path) -> tuple[ConceptPredictions, nn.Module | None]:

@@ -2,6 +2,7 @@
 
 from cbm_intervene.intervention.criteria import (
     CRITERIA,
+    GROUP_SCORES,
     Criterion,
     ScoringContext,
     get_criterion,
@@ -10,7 +11,11 @@ from cbm_intervene.intervention.criteria import (
     score_units,
 )
 from cbm_intervene.intervention.engine import (
+    CONCEPTUALIZATIONS,
     LEVELS,
+    NOT_VISIBLE,
+    ORDERINGS,
+    REPLACEMENT_SOURCES,
     CostModel,
     InterventionConfig,
     InterventionCurve,
@@ -21,8 +26,13 @@ from cbm_intervene.intervention.engine import (
 )
 
 __all__ = [
+    "CONCEPTUALIZATIONS",
     "CRITERIA",
+    "GROUP_SCORES",
     "LEVELS",
+    "NOT_VISIBLE",
+    "ORDERINGS",
+    "REPLACEMENT_SOURCES",
     "CostModel",
     "Criterion",
     "InterventionConfig",

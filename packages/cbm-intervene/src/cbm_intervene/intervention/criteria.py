@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shin_common import Registry
+
 LogPredict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -112,7 +114,27 @@ class Criterion:
     scores_units: bool = False
 
 
-CRITERIA: dict[str, Criterion] = {}
+class CriterionRegistry(Registry[Criterion]):
+    """The criteria by name, matched case-insensitively (``ucp`` is ``UCP``): names are stored upper-case."""
+
+    def add(self, name: str, entry: Criterion) -> Criterion:
+        return super().add(str(name).upper(), entry)
+
+    def get(self, name: str) -> Criterion:
+        return super().get(str(name).upper())
+
+    def remove(self, name: str) -> Criterion:
+        return super().remove(str(name).upper())
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(str(name).upper())
+
+    #: dict-style removal, as ``CRITERIA`` offered when it was a plain dict
+    pop = remove
+
+
+#: Every selection criterion by name; one ``@register_criterion(...)`` line adds one.
+CRITERIA = CriterionRegistry("criterion")
 
 
 def register_criterion(
@@ -124,7 +146,7 @@ def register_criterion(
     scores_units: bool = False,
     overwrite: bool = False,
 ) -> Callable[[Callable[[ScoringContext], torch.Tensor]], Callable[[ScoringContext], torch.Tensor]]:
-    """Decorator registering ``fn(ctx) -> (N, K) scores`` under ``name`` (case-insensitive).
+    """Decorator registering ``fn(ctx) -> (N, K) scores`` in :data:`CRITERIA` under ``name`` (case-insensitive).
 
     With ``scores_units=True``, ``fn`` returns ``(N, ctx.n_units)`` scores of the ranked units
     (groups at group levels) and no group aggregation is applied.
@@ -132,19 +154,19 @@ def register_criterion(
     key = name.upper()
 
     def decorator(fn: Callable[[ScoringContext], torch.Tensor]) -> Callable[[ScoringContext], torch.Tensor]:
-        if key in CRITERIA and not overwrite:
-            raise ValueError(f"criterion {key!r} is already registered (pass overwrite=True to replace it)")
-        CRITERIA[key] = Criterion(key, fn, forward_passes, needs_true_concepts, stochastic, scores_units)
+        if key in CRITERIA:
+            if not overwrite:
+                raise ValueError(f"criterion {key!r} is already registered (pass overwrite=True to replace it)")
+            CRITERIA.remove(key)
+        CRITERIA.add(key, Criterion(key, fn, forward_passes, needs_true_concepts, stochastic, scores_units))
         return fn
 
     return decorator
 
 
 def get_criterion(name: str) -> Criterion:
-    key = str(name).upper()
-    if key not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; registered criteria: {sorted(CRITERIA)}")
-    return CRITERIA[key]
+    """The criterion registered as ``name`` (case-insensitive); an unknown name lists the registered ones."""
+    return CRITERIA.get(name)
 
 
 def score_concepts(name: str, ctx: ScoringContext) -> torch.Tensor:

@@ -50,7 +50,7 @@ from cbm_intervene.intervention.criteria import (
     score_units,
 )
 from cbm_intervene.metrics import METRICS, error_rate
-from cbm_intervene.models import check_module_widths
+from cbm_intervene.networks import check_module_widths
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,220 @@ def _passes_per_sample(criterion_passes: Callable[[int, int], int], candidates: 
     return total / max(len(counts), 1)
 
 
+@dataclass
+class _Bottleneck:
+    """The bottleneck after some units were revealed: ``asked`` (N, K) the concepts asked about,
+    ``changed`` (N, K) those whose values changed, ``values`` what f reads, ``probs`` the concept
+    probabilities criteria see."""
+
+    asked: torch.Tensor
+    changed: torch.Tensor
+    values: torch.Tensor
+    probs: torch.Tensor
+
+
+@dataclass
+class _Revealer:
+    """What revealing units does to the predictions of one run: fixed for the run, so each step only
+    says which units are selected. ``membership`` (U, K): the concepts of each unit (the identity at
+    individual levels); ``askable`` (N, K): concepts that may be asked (not visible ones are not under
+    ``skip``); ``unit_eligible`` (N, U): units with an askable concept."""
+
+    predictions: ConceptPredictions
+    membership: torch.Tensor
+    not_visible: str
+    visible: torch.Tensor
+    askable: torch.Tensor
+    unit_eligible: torch.Tensor
+    revealed_values: torch.Tensor
+    revealed_probs: torch.Tensor
+    initial_probs: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        predictions: ConceptPredictions,
+        membership: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        not_visible: str,
+    ) -> _Revealer:
+        n, k = predictions.values.shape
+        visible = predictions.visibility if predictions.visibility is not None else torch.ones(n, k, dtype=torch.bool)
+        askable = visible if not_visible == "skip" else torch.ones(n, k, dtype=torch.bool)
+        true = predictions.true_concepts
+        revealed_values = torch.where(true > 0.5, high, low)
+        revealed_probs = true.clone()
+        if not_visible == "nullify":  # a revealed concept the expert cannot see is set to "absent"
+            revealed_values = torch.where(visible, revealed_values, low.expand(n, k))
+            revealed_probs = torch.where(visible, revealed_probs, torch.zeros_like(true))
+        return cls(
+            predictions=predictions,
+            membership=membership,
+            not_visible=not_visible,
+            visible=visible,
+            askable=askable,
+            unit_eligible=(askable.float() @ membership.T.float()) > 0,
+            revealed_values=revealed_values,
+            revealed_probs=revealed_probs,
+            initial_probs=predictions.probabilities(),
+        )
+
+    def reveal(self, selected_units: torch.Tensor) -> _Bottleneck:
+        """The bottleneck with the concepts of ``selected_units`` (N, U) revealed."""
+        asked = (selected_units.float() @ self.membership.float()) > 0
+        if self.not_visible == "skip":
+            asked &= self.visible
+        changed = asked & self.visible if self.not_visible == "keep" else asked
+        values = torch.where(changed, self.revealed_values, self.predictions.values)
+        probs = torch.where(changed, self.revealed_probs, self.initial_probs)
+        return _Bottleneck(asked=asked, changed=changed, values=values, probs=probs)
+
+
+def _unit_membership(predictions: ConceptPredictions, config: InterventionConfig) -> torch.Tensor:
+    """(U, K) concepts of each ranked unit: the concept groups at group levels, else each concept alone."""
+    if not config.is_group_level:
+        return torch.eye(predictions.n_concepts, dtype=torch.bool)
+    if predictions.groups is None:
+        raise ValueError(f"level {config.level} needs concept groups, but the predictions have none")
+    return predictions.groups.membership()
+
+
+@dataclass
+class _UnitScorer:
+    """The criterion's (N, U) unit scores of a bottleneck, for the given candidate concepts."""
+
+    criterion: str
+    group_score: str
+    revealer: _Revealer
+    predictor: TargetPredictor
+    target_model: nn.Module
+    low: torch.Tensor
+    high: torch.Tensor
+    generator: torch.Generator
+    chunk_rows: int
+    group_level: bool
+
+    def __call__(self, bottleneck: _Bottleneck, candidates: torch.Tensor) -> torch.Tensor:
+        ctx = ScoringContext(
+            values=bottleneck.values,
+            probs=bottleneck.probs,
+            intervened=bottleneck.changed,
+            true_concepts=self.revealer.predictions.true_concepts,
+            low=self.low,
+            high=self.high,
+            target_model=self.target_model,
+            log_predict=self.predictor.lookahead_log_proba,
+            generator=self.generator,
+            chunk_rows=self.chunk_rows,
+            candidates=candidates,
+            membership=self.revealer.membership if self.group_level else None,
+            f_inputs=self.predictor.lookahead_inputs,
+        )
+        return score_units(self.criterion, ctx, self.group_score)
+
+
+@dataclass
+class _StaticPlan:
+    """Static ordering: every unit ranked once on the initial bottleneck; step t takes a prefix."""
+
+    order: torch.Tensor  # (N, U) per sample, or (N * U,) over the whole set at batch levels
+    n_eligible: torch.Tensor  # (N,) units each sample may reveal
+    passes: float  # passes of f per sample the one scoring cost
+
+    @classmethod
+    def rank(
+        cls, scorer: _UnitScorer, bottleneck: _Bottleneck, batch_level: bool, forward_passes: Callable[[int, int], int]
+    ) -> _StaticPlan:
+        revealer = scorer.revealer
+        masked = torch.where(revealer.unit_eligible, scorer(bottleneck, revealer.askable), -torch.inf)
+        return cls(
+            order=_stable_descending(masked.flatten() if batch_level else masked),
+            n_eligible=revealer.unit_eligible.sum(1),
+            passes=_passes_per_sample(forward_passes, revealer.askable, revealer.predictions.n_classes),
+        )
+
+    def select(self, selected: torch.Tensor, t: int, batch_level: bool) -> None:
+        """Mark the units of the first ``t`` steps in ``selected`` (N, U)."""
+        if batch_level:  # the top t * N (sample, unit) pairs of the whole set
+            n_samples = selected.shape[0]
+            selected.view(-1)[self.order[: min(t * n_samples, int(self.n_eligible.sum()))]] = True
+        else:  # each sample's top t units, but never past its eligible ones
+            selected.scatter_(1, self.order[:, :t], torch.arange(t)[None, :] < self.n_eligible[:, None])
+
+
+def _select_adaptively(
+    selected: torch.Tensor,
+    scorer: _UnitScorer,
+    bottleneck: _Bottleneck,
+    batch_level: bool,
+    forward_passes: Callable[[int, int], int],
+) -> float | None:
+    """Adaptive ordering: re-score the units still open on the current bottleneck and mark the best
+    (one per sample, or the top N pairs of the set at batch levels) in ``selected``. Returns the
+    passes of f per sample this scoring cost, or None when no unit is left to reveal."""
+    revealer = scorer.revealer
+    open_units = revealer.unit_eligible & ~selected
+    if not open_units.any():
+        return None
+    candidates = ~bottleneck.asked & revealer.askable  # concepts still to ask about; the rest is not scored
+    spent = _passes_per_sample(forward_passes, candidates, revealer.predictions.n_classes)
+    masked = torch.where(open_units, scorer(bottleneck, candidates), -torch.inf)
+    if batch_level:
+        n_samples = selected.shape[0]
+        picks = _stable_descending(masked.flatten())[: min(n_samples, int(open_units.sum()))]
+        selected.view(-1)[picks] = True
+    else:
+        best = _stable_descending(masked)[:, 0]
+        rows = open_units.any(1)
+        selected[rows.nonzero().squeeze(1), best[rows]] = True
+    return spent
+
+
+def _task_error(
+    predictor: TargetPredictor, predictions: ConceptPredictions, bottleneck: _Bottleneck, metric: str
+) -> float:
+    predicted = predictor.log_proba(bottleneck.values, bottleneck.changed).argmax(-1)
+    return error_rate(predicted, predictions.labels, predictions.n_classes, balanced=metric == "balanced_error")
+
+
+@dataclass
+class _Trace:
+    """Per-step records of a run, turned into an :class:`InterventionCurve` at the end."""
+
+    errors: list[float] = field(default_factory=list)
+    concept_counts: list[torch.Tensor] = field(default_factory=list)
+    unit_counts: list[torch.Tensor] = field(default_factory=list)
+    passes: list[float] = field(default_factory=list)
+
+    def add(self, error: float, bottleneck: _Bottleneck, selected: torch.Tensor, passes: float) -> None:
+        self.errors.append(error)
+        self.concept_counts.append(bottleneck.asked.sum(1))
+        self.unit_counts.append(selected.sum(1))
+        self.passes.append(passes)
+
+    def curve(self, config: InterventionConfig, final_values: torch.Tensor) -> InterventionCurve:
+        concept_counts = torch.stack(self.concept_counts).numpy()
+        unit_counts = torch.stack(self.unit_counts).numpy()
+        units_mean, concepts_mean = unit_counts.mean(1), concept_counts.mean(1)
+        passes = np.asarray(self.passes, dtype=float)
+        expert = config.costs.group * units_mean if config.is_group_level else config.costs.concept * concepts_mean
+        return InterventionCurve(
+            criterion=config.criterion,
+            level=config.level,
+            ordering=config.ordering,
+            steps=np.arange(len(self.errors)),
+            error=np.asarray(self.errors, dtype=float),
+            concepts_per_sample=concepts_mean,
+            units_per_sample=units_mean,
+            forward_passes_per_sample=passes,
+            cost_per_sample=expert + config.costs.forward_pass * passes,
+            concept_counts=concept_counts,
+            unit_counts=unit_counts,
+            final_values=final_values,
+        )
+
+
 def run_intervention(
     predictions: ConceptPredictions, target_model: nn.Module, config: InterventionConfig
 ) -> InterventionCurve:
@@ -269,13 +483,7 @@ def run_intervention(
     criterion = get_criterion(config.criterion)
     target_model.eval()
     n, k = predictions.values.shape
-    if config.is_group_level:
-        if predictions.groups is None:
-            raise ValueError(f"level {config.level} needs concept groups, but the predictions have none")
-        membership = predictions.groups.membership()
-    else:
-        membership = torch.eye(k, dtype=torch.bool)
-    n_units = membership.shape[0]
+    membership = _unit_membership(predictions, config)
     low, high = replacement_values(predictions, config.replacement_source, config.percentiles)
     predictor = TargetPredictor(
         target_model, predictions.kind, config.conceptualization, low, high, config.n_samples, config.seed
@@ -289,114 +497,46 @@ def run_intervention(
         outputs=f"{predictions.n_classes} class logits",
         probe=predictions.values[:2],
     )
-
-    visible = predictions.visibility if predictions.visibility is not None else torch.ones(n, k, dtype=torch.bool)
-    askable = visible if config.not_visible == "skip" else torch.ones(n, k, dtype=torch.bool)
-    unit_eligible = (askable.float() @ membership.T.float()) > 0  # (N, U)
-    true = predictions.true_concepts
-    revealed_values = torch.where(true > 0.5, high, low)
-    revealed_probs = true.clone()
-    if config.not_visible == "nullify":
-        revealed_values = torch.where(visible, revealed_values, low.expand(n, k))
-        revealed_probs = torch.where(visible, revealed_probs, torch.zeros_like(true))
-    initial_probs = predictions.probabilities()
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def state(selected_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        asked = (selected_units.float() @ membership.float()) > 0
-        if config.not_visible == "skip":
-            asked &= visible
-        changed = asked & visible if config.not_visible == "keep" else asked
-        values = torch.where(changed, revealed_values, predictions.values)
-        probs = torch.where(changed, revealed_probs, initial_probs)
-        return asked, changed, values, probs
-
-    def unit_scores(
-        changed: torch.Tensor, values: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        ctx = ScoringContext(
-            values=values,
-            probs=probs,
-            intervened=changed,
-            true_concepts=true,
-            low=low,
-            high=high,
-            target_model=target_model,
-            log_predict=predictor.lookahead_log_proba,
-            generator=generator,
-            chunk_rows=config.chunk_rows,
-            candidates=candidates,
-            membership=membership if config.is_group_level else None,
-            f_inputs=predictor.lookahead_inputs,
-        )
-        return score_units(criterion.name, ctx, config.group_score)
-
-    def evaluate(values: torch.Tensor, changed: torch.Tensor) -> float:
-        predicted = predictor.log_proba(values, changed).argmax(-1)
-        return error_rate(
-            predicted, predictions.labels, predictions.n_classes, balanced=config.metric == "balanced_error"
-        )
-
+    revealer = _Revealer.build(predictions, membership, low, high, config.not_visible)
+    scorer = _UnitScorer(
+        criterion=criterion.name,
+        group_score=config.group_score,
+        revealer=revealer,
+        predictor=predictor,
+        target_model=target_model,
+        low=low,
+        high=high,
+        generator=torch.Generator().manual_seed(config.seed),
+        chunk_rows=config.chunk_rows,
+        group_level=config.is_group_level,
+    )
+    n_units = membership.shape[0]
     n_steps = n_units if config.max_steps is None else min(config.max_steps, n_units)
     selected = torch.zeros(n, n_units, dtype=torch.bool)
-    asked, changed, values, probs = state(selected)
-    errors = [evaluate(values, changed)]
-    concept_counts, unit_counts, passes = [asked.sum(1)], [selected.sum(1)], [0.0]
-    order = None
+    bottleneck = revealer.reveal(selected)
+    trace = _Trace()
+    trace.add(_task_error(predictor, predictions, bottleneck, config.metric), bottleneck, selected, 0.0)
+    static = None
     if config.ordering == "static" and n_steps > 0:
-        masked = torch.where(unit_eligible, unit_scores(changed, values, probs, askable), -torch.inf)
-        order = _stable_descending(masked.flatten() if config.is_batch_level else masked)
-        n_eligible = unit_eligible.sum(1)
-        static_passes = _passes_per_sample(criterion.forward_passes, askable, predictions.n_classes)
+        static = _StaticPlan.rank(scorer, bottleneck, config.is_batch_level, criterion.forward_passes)
     for t in range(1, n_steps + 1):
-        if order is not None:  # static: a prefix of the initial order
-            if config.is_batch_level:
-                selected.view(-1)[order[: min(t * n, int(unit_eligible.sum()))]] = True
-            else:
-                take = order[:, :t]
-                selected.scatter_(1, take, (torch.arange(t)[None, :] < n_eligible[:, None]))
-            spent = float(static_passes)
-        else:  # adaptive: re-score on the current bottleneck
-            open_units = unit_eligible & ~selected
-            if not open_units.any():
+        if static is not None:
+            static.select(selected, t, config.is_batch_level)
+            spent = static.passes
+        else:
+            step_passes = _select_adaptively(
+                selected, scorer, bottleneck, config.is_batch_level, criterion.forward_passes
+            )
+            if step_passes is None:
                 break
-            candidates = ~asked & askable  # concepts still to ask about; the rest is not scored
-            spent = passes[-1] + _passes_per_sample(criterion.forward_passes, candidates, predictions.n_classes)
-            masked = torch.where(open_units, unit_scores(changed, values, probs, candidates), -torch.inf)
-            if config.is_batch_level:
-                picks = _stable_descending(masked.flatten())[: min(n, int(open_units.sum()))]
-                selected.view(-1)[picks] = True
-            else:
-                best = _stable_descending(masked)[:, 0]
-                rows = open_units.any(1)
-                selected[rows.nonzero().squeeze(1), best[rows]] = True
-        asked, changed, values, probs = state(selected)
-        errors.append(evaluate(values, changed))
-        concept_counts.append(asked.sum(1))
-        unit_counts.append(selected.sum(1))
-        passes.append(spent)
-
-    concept_counts_arr = torch.stack(concept_counts).numpy()
-    unit_counts_arr = torch.stack(unit_counts).numpy()
-    units_mean = unit_counts_arr.mean(1)
-    concepts_mean = concept_counts_arr.mean(1)
-    passes_arr = np.asarray(passes, dtype=float)
-    expert = config.costs.group * units_mean if config.is_group_level else config.costs.concept * concepts_mean
-    log.debug("%s %s %s: error %.4f -> %.4f", config.criterion, config.level, config.ordering, errors[0], errors[-1])
-    return InterventionCurve(
-        criterion=config.criterion,
-        level=config.level,
-        ordering=config.ordering,
-        steps=np.arange(len(errors)),
-        error=np.asarray(errors, dtype=float),
-        concepts_per_sample=concepts_mean,
-        units_per_sample=units_mean,
-        forward_passes_per_sample=passes_arr,
-        cost_per_sample=expert + config.costs.forward_pass * passes_arr,
-        concept_counts=concept_counts_arr,
-        unit_counts=unit_counts_arr,
-        final_values=values,
+            spent = trace.passes[-1] + step_passes
+        bottleneck = revealer.reveal(selected)
+        trace.add(_task_error(predictor, predictions, bottleneck, config.metric), bottleneck, selected, spent)
+    curve = trace.curve(config, bottleneck.values)
+    log.debug(
+        "%s %s %s: error %.4f -> %.4f", config.criterion, config.level, config.ordering, curve.error[0], curve.error[-1]
     )
+    return curve
 
 
 def available_criteria() -> list[str]:
