@@ -27,7 +27,7 @@ from shin_common import CorruptFileError, RunDirectory, UnsafeFileError, config_
 from shin_common.rundir import MANIFEST_NAME
 
 SMALL = dict(num_train=200, num_test=200, widths=[16, 5], epochs=2, batch_size=50)
-OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in SMALL.items()]
+OVERRIDES = [arg for k, v in SMALL.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
 ANALYZE_SMALL = ["--num-examples", "64", "--batch-size", "32", "--probes", "2", "--lanczos-steps", "6"]
 ANALYZE_SMALL += ["--density-probes", "1"]
 
@@ -97,16 +97,16 @@ def _output_under_a_file(tmp: Path, finished: Path):
 
 
 def _train_bad_value(tmp: Path, finished: Path):
-    return ["train", "--output-dir", "new", *OVERRIDES, "rho=-1"], "rho=-1.0"
+    return ["train", "--output-dir", "new", *OVERRIDES, "--set", "rho=-1"], "rho=-1.0"
 
 
 def _demo_bad_value(tmp: Path, finished: Path):
-    return ["demo", "--quick", "--output-dir", "new", "--rho", "-1"], "--rho -1.0"
+    return ["demo", "--quick", "--output-dir", "new", "--rho", "-1"], "rho=-1.0"
 
 
 def _rerun_with_other_config(tmp: Path, finished: Path):
     _copy_run(finished, tmp)
-    return ["train", "--output-dir", "run", *OVERRIDES, "rho=0.5"], "differing: rho"
+    return ["train", "--output-dir", "run", *OVERRIDES, "--set", "rho=0.5"], "differing: rho"
 
 
 def _resume_crafted_checkpoint(tmp: Path, finished: Path):
@@ -216,7 +216,7 @@ def test_train_names_a_checkpoint_that_does_not_fit(tmp_path, damage, finished_r
 
 def test_sigint_exits_130_and_rerun_resumes_to_the_uninterrupted_result(tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 120})
-    argv = ["train", "--output-dir", "run", *OVERRIDES, "epochs=120"]
+    argv = ["train", "--output-dir", "run", *OVERRIDES, "--set", "epochs=120"]
     (tmp_path / "notes.txt").write_text("keep me\n")
     # SIGINT may be ignored in a background shell; the child must get Python's usual handler
     process = subprocess.Popen(
@@ -242,7 +242,7 @@ def test_sigint_exits_130_and_rerun_resumes_to_the_uninterrupted_result(tmp_path
     resumed = _cli(*argv, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stderr and "Traceback" not in resumed.stderr
-    metrics = load_json(tmp_path / "run" / "result.json")["metrics"]
+    metrics = load_json(tmp_path / "run" / "results.json")["metrics"]
     _, reference = train_lib.train(config)
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, config.epochs + 1))
     for got, want in zip(metrics["history"], reference["history"], strict=True):
@@ -263,12 +263,12 @@ def test_analyze_attaches_to_the_train_run_and_reports_a_finished_analysis(finis
     shutil.copytree(finished_run, run_dir)
     assert cli.main(["analyze", "--run-dir", str(run_dir), *ANALYZE_SMALL]) == 0
     manifest = load_json(run_dir / MANIFEST_NAME)
-    assert manifest["finished"] and manifest["results"] == "result.json"
+    assert manifest["finished"] and manifest["results"] == "results.json"
     assert {"analysis.json", "spectral_density.png"} <= set(manifest["files"])
     record = load_json(run_dir / "analysis.json")
     assert record["package"]["name"] == "sam-overparam"
     # stability is computed at the trained run's lr and rho, read from what train wrote
-    trained = load_json(run_dir / "result.json")["config"]
+    trained = load_json(run_dir / "results.json")["config"]
     assert record["metrics"]["stability_lr"] == trained["lr"]
     assert record["metrics"]["stability_rho"] == trained["rho"]
     capsys.readouterr()
@@ -283,7 +283,7 @@ def test_analyze_attaches_to_the_train_run_and_reports_a_finished_analysis(finis
     assert _snapshot(run_dir) == before
     assert cli.main(["analyze", "--run-dir", str(run_dir), *ANALYZE_SMALL, "--probes", "3", "--overwrite"]) == 0
     assert load_json(run_dir / "analysis.json")["config"]["analysis"]["probes"] == 3
-    for name in ("model.pt", "result.json", "checkpoint.pt", "config.json"):
+    for name in ("model.pt", "results.json", "checkpoint.pt", "config.json"):
         assert (run_dir / name).read_bytes() == before[name]
 
     # a separate --output-dir is a run directory of its own
@@ -293,5 +293,5 @@ def test_analyze_attaches_to_the_train_run_and_reports_a_finished_analysis(finis
     separate = load_json(out / MANIFEST_NAME)
     assert separate["command"] == "analyze" and separate["finished"]
     assert separate["config"]["train"] == load_json(run_dir / MANIFEST_NAME)["config"]
-    assert load_json(out / "analysis.json")["package"]["name"] == "sam-overparam"
+    assert load_json(out / "results.json")["package"]["name"] == "sam-overparam"
     assert _snapshot(run_dir) == train_run_before  # nothing of it went into the train run

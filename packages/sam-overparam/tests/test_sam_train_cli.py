@@ -130,9 +130,10 @@ def test_sweep_resumes_without_rerunning(tmp_path, monkeypatch):
 
 def test_cli_train_analyze_and_errors(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    overrides = [f"{k}={json.dumps(v)}" for k, v in SMALL.items()] + ["epochs=2"]
+    small = {**SMALL, "epochs": 2}
+    overrides = [arg for k, v in small.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
     assert cli.main(["train", "--output-dir", str(run_dir), *overrides]) == 0
-    record = read_json(run_dir / "result.json")
+    record = read_json(run_dir / "results.json")
     assert record["config"]["widths"] == [16, 5] and "torch" in record["versions"]
     assert record["metrics"]["best_epoch"] in (1, 2)
     assert cli.main(["analyze", "--run-dir", str(run_dir), "--num-examples", "64", "--batch-size", "32",
@@ -142,14 +143,14 @@ def test_cli_train_analyze_and_errors(tmp_path, capsys):
     assert set(analysis["stability_lambda_max"]) == {"rho=0", "rho=0.05"}
     assert [m["power"] for m in analysis["moments"]] == [2, 3, 4]
     capsys.readouterr()
-    assert cli.main(["train", "--output-dir", str(tmp_path / "bad"), "rho=-1"]) == 2
+    assert cli.main(["train", "--output-dir", str(tmp_path / "bad"), "--set", "rho=-1"]) == 2
     assert capsys.readouterr().err == "sam-overparam train: error: TrainConfig: rho=-1.0: expected >= 0\n"
     assert not (tmp_path / "bad").exists()
 
 
 def test_cli_demo_quick_writes_sweep_summary_and_plot(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
-    summary = read_json(tmp_path / "summary.json")
+    summary = read_json(tmp_path / "results.json")
     rows = summary["metrics"]["rows"]
     assert [r["widths"] for r in rows] == [[8, 2], [64, 21]] and all(r["seeds"] == 2 for r in rows)
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()

@@ -2,6 +2,33 @@
 
 __version__ = "0.1.0"
 
+from sam_overparam.analysis import analyze_run, hessian_analysis
+from sam_overparam.config import AnalysisConfig, DemoConfig, TrainConfig
+from sam_overparam.experiments import run_demo, summarize_sweep
+from sam_overparam.hessian import HessianOperator
 from sam_overparam.optim import SAM, frozen_batchnorm_stats
+from sam_overparam.registries import MODELS, OPTIMIZERS, register_model, register_optimizer
+from sam_overparam.runs import train_in_directory
+from sam_overparam.train import run_sweep
 
-__all__ = ["SAM", "__version__", "frozen_batchnorm_stats"]
+# The function sam_overparam.train.train is not exported here: the name `train` stays the module.
+
+__all__ = [
+    "MODELS",
+    "OPTIMIZERS",
+    "SAM",
+    "AnalysisConfig",
+    "DemoConfig",
+    "HessianOperator",
+    "TrainConfig",
+    "__version__",
+    "analyze_run",
+    "frozen_batchnorm_stats",
+    "hessian_analysis",
+    "register_model",
+    "register_optimizer",
+    "run_demo",
+    "run_sweep",
+    "summarize_sweep",
+    "train_in_directory",
+]

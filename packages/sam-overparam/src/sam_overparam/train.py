@@ -1,4 +1,5 @@
-"""Training SGD or SAM on the paper's workloads, with best-epoch tracking and resumable sweeps.
+"""Training a registered model with a registered optimizer (SGD, SAM, ...) on the paper's workloads,
+with best-epoch tracking, per-epoch checkpoints and resumable sweeps.
 
 Defaults follow Shin et al.'s MNIST recipe (arXiv 2311.17539, App. / authors' code): SGD with
 momentum 0.9, batch 128, lr 0.1, weight decay 1e-4, step decay x0.1 at 25/50/75% of training,
@@ -12,9 +13,8 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,9 @@ from torch.nn import functional as F
 
 from sam_overparam import data as data_lib
 from sam_overparam import models
+from sam_overparam.config import TrainConfig
 from sam_overparam.optim import SAM
+from sam_overparam.registries import MODELS, OPTIMIZERS, model_inputs
 from shin_common import (
     CorruptFileError,
     JsonlStore,
@@ -36,69 +38,21 @@ from shin_common import (
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "TOOL",
+    "TrainConfig",
+    "build_model",
+    "build_optimizer",
+    "evaluate",
+    "load_split",
+    "loss_fn_for",
+    "model_inputs",
+    "run_sweep",
+    "summarize",
+    "train",
+]
+
 TOOL = "sam-overparam"  # the distribution name: recorded as the writer of every results file
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """One training run. Every field can be set from YAML/JSON or ``key=value`` overrides."""
-
-    dataset: Literal["mnist1d", "teacher"] = "mnist1d"
-    num_train: int = 4000
-    num_test: int = 4000
-    data_seed: int = 42
-    label_noise: float = 0.0  # fraction of training labels replaced (symmetric)
-    teacher_width: int = 4
-
-    model: Literal["mlp", "resnet", "relu1d"] = "mlp"
-    widths: list[int] = field(default_factory=lambda: [300, 100])  # MLP hidden widths
-    filters: int = 16  # ResNet first-stage channels
-    blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
-    hidden: int = 100  # ReLUNet1D neurons
-    sparsity: float = 0.0
-    sparsity_method: Literal["random", "snip", "magnitude"] = "random"
-
-    optimizer: Literal["sgd", "sam"] = "sam"
-    rho: float = 0.05
-    adaptive: bool = False
-    unnormalized: bool = False
-    m: int | None = None  # m-sharpness chunk size; None: one perturbation per batch
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    weight_decay_in_ascent: bool = False  # SAM only: decay as part of the loss (google-research/sam)
-    batch_size: int = 128
-    epochs: int = 30
-    milestones: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # fractions of epochs
-    gamma: float = 0.1
-    max_grad_norm: float | None = None
-    seed: int = 0
-    eval_every: int = 1
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.num_train >= 1, "num_train", self.num_train, ">= 1"),
-            (self.num_test >= 1, "num_test", self.num_test, ">= 1"),
-            (0.0 <= self.label_noise <= 1.0, "label_noise", self.label_noise, "in [0, 1]"),
-            (0.0 <= self.sparsity < 1.0, "sparsity", self.sparsity, "in [0, 1)"),
-            (self.rho >= 0, "rho", self.rho, ">= 0"),
-            (self.lr > 0, "lr", self.lr, "> 0"),
-            (0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0"),
-            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
-            (self.epochs >= 1, "epochs", self.epochs, ">= 1"),
-            (all(0 < f < 1 for f in self.milestones), "milestones", self.milestones, "fractions in (0, 1)"),
-            (self.m is None or self.m >= 1, "m", self.m, ">= 1 or null"),
-            (self.eval_every >= 1, "eval_every", self.eval_every, ">= 1"),
-            (all(w >= 1 for w in self.widths), "widths", self.widths, "positive widths"),
-        ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r}: expected {expected}")
-        if self.dataset == "teacher" and self.model != "relu1d":
-            raise ValueError(f"model={self.model!r}: the teacher regression task needs model='relu1d'")
-        if self.dataset == "teacher" and self.label_noise:
-            raise ValueError("label_noise applies to classification (dataset='mnist1d') only")
 
 
 def load_split(config: TrainConfig) -> data_lib.Split:
@@ -126,25 +80,13 @@ def loss_fn_for(config: TrainConfig):
     return loss_fn
 
 
-def _inputs(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
-    # mnist1d sequences become 1 x 40 single-channel "images" for the ResNet
-    return x.view(x.shape[0], 1, 1, -1) if config.model == "resnet" else x
-
-
 def build_model(config: TrainConfig, split: data_lib.Split) -> nn.Module:
     """The model of ``config``, initialised from ``config.seed`` and sparsified at initialisation."""
     seed_everything(config.seed)
     in_features = int(split.x_train[0].numel())
-    if config.model == "mlp":
-        model: nn.Module = models.MLP(in_features, config.widths, split.num_classes or 1)
-    elif config.model == "resnet":
-        model = models.CifarResNet(
-            config.filters, blocks=config.blocks, num_classes=split.num_classes or 1, in_channels=1
-        )
-    else:
-        model = models.ReLUNet1D(config.hidden, in_features)
+    model = MODELS.get(config.model).build(config, in_features, split.num_classes or 1)
     if config.sparsity:
-        batch = (_inputs(config, split.x_train[: config.batch_size]), split.y_train[: config.batch_size])
+        batch = (model_inputs(config, split.x_train[: config.batch_size]), split.y_train[: config.batch_size])
         models.sparsify(
             model,
             config.sparsity_method,
@@ -157,23 +99,8 @@ def build_model(config: TrainConfig, split: data_lib.Split) -> nn.Module:
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    common = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        # plain SGD has no ascent, so weight_decay_in_ascent changes nothing for it
-        return torch.optim.SGD(model.parameters(), **common)
-    # model= is always passed: it freezes BatchNorm statistics in the perturbed pass and gives
-    # ASAM the parameter names
-    return SAM(
-        model.parameters(),
-        torch.optim.SGD,
-        rho=config.rho,
-        adaptive=config.adaptive,
-        unnormalized=config.unnormalized,
-        weight_decay_in_ascent=config.weight_decay_in_ascent,
-        max_grad_norm=config.max_grad_norm,
-        model=model,
-        **common,
-    )
+    """The optimizer registered as ``config.optimizer``, on ``model``'s parameters."""
+    return OPTIMIZERS.get(config.optimizer)(config, model)
 
 
 @torch.no_grad()
@@ -182,7 +109,7 @@ def evaluate(model: nn.Module, config: TrainConfig, x: torch.Tensor, y: torch.Te
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), 1024):
-        out = model(_inputs(config, x[start : start + 1024]))
+        out = model(model_inputs(config, x[start : start + 1024]))
         target = y[start : start + 1024]
         if is_classification(config):
             loss_sum += float(F.cross_entropy(out, target, reduction="sum"))
@@ -268,7 +195,7 @@ def train(
         for x, y in data_lib.batches(
             split.x_train, split.y_train, config.batch_size, shuffle=True, generator=generator
         ):
-            losses.append(_train_step(config, model, optimizer, _inputs(config, x), y))
+            losses.append(_train_step(config, model, optimizer, model_inputs(config, x), y))
         scheduler.step()
         if not all(math.isfinite(v) for v in losses):
             log.warning("non-finite training loss in epoch %d", epoch + 1)

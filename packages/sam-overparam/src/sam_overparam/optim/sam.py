@@ -40,12 +40,15 @@ any rho in exact arithmetic) returns the base optimizer's update bit for bit.
 chunk of the batch gets its own perturbation and the perturbed gradients are averaged; in data
 parallel training each device's shard is such a chunk (the first pass must not synchronise
 gradients, see ``model=`` below).
+
+The class holds the algorithm (SAM, ASAM, USAM, weight decay); what surrounds a step lives in
+helpers beside it: :mod:`~sam_overparam.optim.amp` (GradScaler), :mod:`~sam_overparam.optim.distributed`
+(the unsynchronised clean pass and the overflow agreement), :mod:`~sam_overparam.optim.msharpness`
+(per-chunk perturbations) and :mod:`~sam_overparam.optim.batchnorm` (frozen running statistics).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -53,9 +56,12 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from sam_overparam.optim.amp import scaled_second_half
+from sam_overparam.optim.batchnorm import frozen_batchnorm_stats
+from sam_overparam.optim.distributed import local_gradients
+from sam_overparam.optim.msharpness import chunked_step
 
-__all__ = ["SAM", "frozen_batchnorm_stats"]
+__all__ = ["SAM"]
 
 ADAPTIVE_SCOPES = ("weights", "all")
 # SAM's own per-group settings (the rest of a group belongs to the base optimizer)
@@ -70,30 +76,6 @@ SAM_GROUP_KEYS = (
 )
 
 
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module | None) -> Iterator[None]:
-    """Within the block, BatchNorm layers in training mode normalise with batch statistics but
-    leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
-
-    Setting ``momentum = 0`` (the davda54/sam recipe) still increments ``num_batches_tracked``
-    and breaks ``momentum=None`` (cumulative averaging); turning ``track_running_stats`` off for
-    the duration makes ``torch.nn.functional.batch_norm`` receive no running buffers at all.
-    """
-    if model is None:
-        yield
-        return
-    changed = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            changed.append(module)
-            module.track_running_stats = False
-    try:
-        yield
-    finally:
-        for module in changed:
-            module.track_running_stats = True
-
-
 def _check_base_optimizer(base_optimizer: Any) -> None:
     if isinstance(base_optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -104,31 +86,6 @@ def _check_base_optimizer(base_optimizer: Any) -> None:
         raise TypeError(
             f"base_optimizer must be a subclass of torch.optim.Optimizer (e.g. torch.optim.SGD), got {base_optimizer!r}"
         )
-
-
-def _found_inf_on_any_rank(found_inf: bool, model: nn.Module | None) -> bool:
-    """``found_inf`` OR-ed over the ranks of ``model``'s process group, where that is needed.
-
-    Only a data-parallel ``model`` (one with ``no_sync()``, e.g. DDP) has its clean pass run
-    unsynchronised, so an overflow can occur on one rank only; every rank must then skip, or the
-    others would wait forever in the perturbed pass's all-reduce. Otherwise the clean pass
-    already synchronised the gradients (or each rank trains on its own, as in a seed sweep with
-    one run per rank) and no collective is issued: one here would be matched by nobody. The
-    flag is reduced over ``model.process_group`` (the default group when DDP has none) and lives
-    on the model's parameter device, which is one the backend accepts (CUDA for NCCL).
-    """
-    if not callable(getattr(model, "no_sync", None)):
-        return found_inf
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return found_inf
-    group = getattr(model, "process_group", None)
-    if dist.get_world_size(group) < 2:
-        return found_inf
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flag = torch.tensor([1.0 if found_inf else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item() > 0)
 
 
 def _check_number(name: str, value: Any, where: str = "") -> None:
@@ -334,10 +291,6 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     # ----------------------------------------------------------------------------- closure API
-    def _model_no_sync(self) -> contextlib.AbstractContextManager[Any]:
-        no_sync = getattr(self.model, "no_sync", None)
-        return no_sync() if callable(no_sync) else contextlib.nullcontext()
-
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], torch.Tensor] | None = None,
@@ -360,46 +313,18 @@ class SAM(torch.optim.Optimizer):
         if chunks is not None:
             if grad_scaler is not None:
                 raise ValueError("m-sharpness chunks with a GradScaler are not supported")
-            return self._chunked(closure, chunks, chunk_weights)
+            return chunked_step(self, closure, chunks, chunk_weights)
         self.zero_grad()
-        with torch.enable_grad(), self._model_no_sync():
+        with torch.enable_grad(), local_gradients(self.model):
             loss = closure()
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()  # the graph is gone after backward; callers log the value
         if grad_scaler is not None and grad_scaler.is_enabled():
-            return self._scaled_second_half(closure, loss, grad_scaler)
+            return scaled_second_half(self, closure, loss, grad_scaler)
         self.first_step(zero_grad=True)
         with torch.enable_grad(), frozen_batchnorm_stats(self.model):
             closure()
         self.second_step()
-        return loss
-
-    def _scaled_second_half(
-        self, closure: Callable[[], torch.Tensor], loss: torch.Tensor, scaler: torch.amp.GradScaler
-    ) -> torch.Tensor:
-        # GradScaler.unscale_ may run once per optimizer per update, so the clean-pass gradients
-        # are unscaled by hand and the scaler only sees the descent gradients (of base_optimizer).
-        inv_scale = 1.0 / float(scaler.get_scale())
-        grads = [p.grad for _, p in self._params()]
-        local_inf = not all(bool(torch.isfinite(g).all()) for g in grads)
-        if _found_inf_on_any_rank(local_inf, self.model):
-            log.info("non-finite gradient in SAM's clean pass; skipping the step")
-            if not local_inf and grads:
-                # Another rank overflowed: make this rank's scaler see an inf too, so that every
-                # rank skips the base step and lowers its scale alike.
-                grads[0].fill_(float("inf"))
-            scaler.step(self.base_optimizer)  # records the inf so that update() lowers the scale
-            self.zero_grad()
-            return loss
-        self.first_step(zero_grad=True, grad_inv_scale=inv_scale)
-        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
-            closure()
-        # Unscale before restore(): with weight_decay_in_ascent, restore() adds wd * (w + e),
-        # which must join unscaled gradients rather than be divided by the scale.
-        scaler.unscale_(self.base_optimizer)
-        self.restore()
-        self._descent_gradient_ready()
-        scaler.step(self.base_optimizer)
         return loss
 
     def step_chunked(
@@ -411,47 +336,9 @@ class SAM(torch.optim.Optimizer):
         chunk size / batch size) combine the chunks' perturbed gradients
         ``sum_k weights[k] * grad L_k(w + e_k)`` with ``e_k`` from ``grad L_k(w)`` (Foret et al.,
         Sec. 4.1). Returns the weighted clean loss. (Goes through :meth:`step`, so LR schedulers
-        see the step.) Each chunk's clean pass is an ordinary training forward, so with ``model=``
-        the one set of BatchNorm running statistics takes ``k`` momentum updates per step (one
-        per chunk, from that chunk's batch statistics) and the perturbed passes take none. This
-        is not what ``k`` devices do: each of their BatchNorms takes one update per step, and
-        DDP then broadcasts rank 0's buffers. Under DDP (``model=`` given) the clean passes run
-        without gradient sync and the perturbed ones with it, so ``m`` is the chunk size on
-        each device.
+        see the step.) BatchNorm and DDP behaviour: see :mod:`sam_overparam.optim.msharpness`.
         """
         return self.step(closure, chunks=chunks, chunk_weights=weights)
-
-    def _chunked(
-        self, closure: Callable[[Any], torch.Tensor], chunks: Sequence[Any], weights: Sequence[float] | None
-    ) -> torch.Tensor:
-        if weights is None:
-            raise ValueError("chunk_weights are required with chunks (e.g. chunk size / batch size)")
-        if len(chunks) != len(weights) or not chunks:
-            raise ValueError(f"need one weight per chunk and at least one chunk, got {len(chunks)} and {len(weights)}")
-        total: dict[torch.Tensor, torch.Tensor] = {}
-        clean_loss = 0.0
-        for chunk, weight in zip(chunks, weights, strict=True):
-            self.zero_grad()
-            # the clean pass stays local, so under DDP each device's chunk has its own perturbation
-            with torch.enable_grad(), self._model_no_sync():
-                clean_loss += weight * float(closure(chunk).detach())
-            self.first_step(zero_grad=True)
-            with torch.enable_grad(), frozen_batchnorm_stats(self.model):
-                closure(chunk)
-            self.restore()
-            with torch.no_grad():
-                for _, p in self._params():
-                    if p in total:
-                        total[p].add_(p.grad, alpha=weight)
-                    else:
-                        total[p] = p.grad.mul(weight)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = total.get(p)
-        with torch.no_grad():
-            self._descent_gradient_ready()
-        self.base_optimizer.step()
-        return torch.tensor(clean_loss)
 
     # ----------------------------------------------------------------------------- state
     def zero_grad(self, set_to_none: bool = True) -> None:
