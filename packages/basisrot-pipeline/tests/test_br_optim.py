@@ -273,3 +273,142 @@ def test_stage_aware_variant_sets_each_stage_frequency(tiny_config):
     ]
     assert got == stage_aware_frequencies(delays, 10)
     assert got[0] < got[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_optimizer_tracks_its_float32_run(dtype):
+    # Half-precision CPU has no QR kernel: the refresh must run in float32 whatever the parameter dtype,
+    # and the update is rounded to the parameter dtype only when it is applied.
+    shapes = ((6, 4), (4,), (5, 5))
+    half = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params(shapes=shapes)]
+    full = [torch.nn.Parameter(p.detach().float()) for p in half]  # the same starting point
+    grads = [[g.to(dtype) for g in step] for step in _random_grads(shapes, 12, seed=3)]
+    half_opt, full_opt = (BasisRotation(ps, precondition_frequency=3, **HP) for ps in (half, full))
+    _run(half, half_opt, grads)
+    _run(full, full_opt, [[g.float() for g in s] for s in grads])
+    for p in half:
+        assert p.dtype == dtype
+    # the state depends on the gradients only, which both runs share: it is the float32 run's, bit for bit
+    for p, q in zip(half, full, strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "stat_left", "stat_right", "basis_left", "basis_right"):
+            if half_opt.state[p].get(key) is not None:
+                assert half_opt.state[p][key].dtype == torch.float32, key
+                torch.testing.assert_close(half_opt.state[p][key], full_opt.state[q][key], rtol=0, atol=0)
+    for a, b in zip(half, full, strict=True):
+        # each of the 12 steps rounds the weight once to the half-precision grid (spacing <= 2^-7 near 1)
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=12 * 2**-8 * float(b.detach().abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_trains_through_refreshes(tiny_config, tiny_batches, fast_optim, dtype):
+    from basisrot_pipeline.emulator import StalenessEmulator
+    from basisrot_pipeline.model import partition_model
+
+    torch.manual_seed(0)
+    stages = partition_model(GPT(tiny_config).to(dtype), 2)
+    config = fast_optim()  # refresh every 3 steps: 7 steps pass the cold start and two warm refreshes
+    delays = staleness_schedule("async-1f1b", 2)
+    optimizers = [build_optimizer(st, config, delays=delays, stage=s) for s, st in enumerate(stages)]
+    emulator = StalenessEmulator(stages, optimizers, delays, optim_config=config, total_steps=7)
+    losses = [emulator.step(*tiny_batches.batch(m)) for m in range(7)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == dtype for st in stages for p in st.parameters())
+    assert any(s["basis_left"] is not None for opt in optimizers for s in opt.state.values())
+
+
+@pytest.mark.parametrize("source", ["second", "first"])
+@pytest.mark.parametrize(("shape", "rotated"), [((6, 4), "right"), ((4, 7), "left"), ((5, 5), "right")])
+def test_uni_rotates_the_right_side_unless_the_matrix_is_wide(shape, rotated, source):
+    # The authors rotate the right side when rows >= cols: tall and square matrices on the right.
+    params = _params(shapes=(shape,))
+    opt = BasisRotation(params, geometry="uni", precondition_frequency=2, source=source, **HP)
+    assert BasisRotation.rotated_sides(torch.Size(shape), opt.param_groups[0]) == (
+        rotated == "left",
+        rotated == "right",
+    )
+    _run(params, opt, _random_grads((shape,), 3, seed=6))
+    state = opt.state[params[0]]
+    assert (state["basis_left"] is not None, state["basis_right"] is not None) == (
+        rotated == "left",
+        rotated == "right",
+    )
+
+
+def _first_order_reference(weight, grads, *, lr, betas, eps, weight_decay, frequency, left, right):
+    """The authors' first-order source written out step by step in float64 (arXiv 2602.03515,
+    Algorithm 2 with S = 1st): SVD of the look-ahead momentum on cold start; warm refreshes
+    Q_L = qr(M Q_R[:, order_R]), Q_R = qr(M^T Q_L[:, order_L]) from the old bases, the columns ordered by
+    the estimated singular values ||M q||, and V permuted along the *other* axis. An identity stands in
+    for a side that is not rotated (along which V is not permuted)."""
+    b1, b2 = betas
+    w = weight.clone()
+    m, n = w.shape
+    exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
+    q_left, q_right = torch.eye(m, dtype=w.dtype), torch.eye(n, dtype=w.dtype)
+    for t, g in enumerate(grads, start=1):
+        exp_avg = b1 * exp_avg + (1 - b1) * g
+        if t == 1:
+            u, _, vh = torch.linalg.svd(exp_avg, full_matrices=True)
+            q_left = u if left else q_left
+            q_right = vh.T if right else q_right
+        elif t % frequency == 0:
+            new_left, new_right = q_left, q_right
+            if left:
+                columns = exp_avg @ q_right
+                order = torch.argsort((columns**2).sum(0), descending=True)
+                if right:
+                    exp_avg_sq = exp_avg_sq[:, order]
+                new_left = torch.linalg.qr(columns[:, order], mode="complete").Q
+            if right:
+                columns = exp_avg.T @ q_left
+                order = torch.argsort((columns**2).sum(0), descending=True)
+                if left:
+                    exp_avg_sq = exp_avg_sq[order, :]
+                new_right = torch.linalg.qr(columns[:, order], mode="complete").Q
+            q_left, q_right = new_left, new_right
+        rotated_grad, rotated_avg = q_left.T @ g @ q_right, q_left.T @ exp_avg @ q_right
+        exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * rotated_grad**2
+        step_size = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        w = w * (1 - lr * weight_decay) - step_size * (q_left @ (rotated_avg / (exp_avg_sq.sqrt() + eps)) @ q_right.T)
+    return w
+
+
+@pytest.mark.parametrize(
+    ("shape", "geometry", "sides"),
+    [
+        ((5, 3), "bi", (True, True)),
+        ((4, 6), "bi", (True, True)),
+        ((5, 3), "uni", (False, True)),
+        ((3, 6), "uni", (True, False)),
+    ],
+)
+def test_first_order_source_follows_the_authors_svd_and_qr_refresh(shape, geometry, sides):
+    weight = _params(shapes=(shape,))[0].detach().double()
+    grads = [[g[0].double()] for g in _random_grads((shape,), 13, seed=8)]
+    options = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    expected = _first_order_reference(
+        weight, [g[0] for g in grads], frequency=3, left=sides[0], right=sides[1], **options
+    )
+    param = torch.nn.Parameter(weight.clone())
+    opt = BasisRotation([param], source="first", geometry=geometry, precondition_frequency=3, **options)
+    _run([param], opt, grads)
+    assert opt.state[param]["stat_left"] is None and opt.state[param]["stat_right"] is None  # no M M^T kept
+    torch.testing.assert_close(param.detach(), expected, rtol=0, atol=1e-9)
+
+
+def test_first_update_puts_eps_beside_the_raw_second_moment():
+    # SOAP and the authors, for rotated matrices: denominator sqrt(V) + eps, the bias corrections folded
+    # into the step size lr sqrt(1 - b2^t) / (1 - b1^t). At t = 1: V = (1 - b2) g~^2, M = (1 - b1) g, so the
+    # step is lr g / (|g| + eps / sqrt(1 - b2)). A diagonal gradient has signed-permutation bases, under
+    # which the step is this elementwise formula. Unrotated parameters keep AdamW's sqrt(V / bc2) + eps.
+    lr, b1, b2, eps, wd = 0.1, 0.9, 0.99, 0.1, 0.01
+    g = torch.tensor([[0.3, 0.0], [0.0, -2.0]], dtype=torch.float64)
+    bias_grad = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    weight = torch.nn.Parameter(torch.tensor([[1.0, 0.2], [0.4, -0.5]], dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.tensor([1.0, -0.5], dtype=torch.float64))
+    expected = weight.detach() * (1 - lr * wd) - lr * g / (g.abs() + eps / (1 - b2) ** 0.5)
+    expected_bias = bias.detach() * (1 - lr * wd) - lr * bias_grad / (bias_grad.abs() + eps)  # AdamW's first step
+    opt = BasisRotation([weight, bias], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    _run([weight, bias], opt, [[g, bias_grad]])
+    torch.testing.assert_close(weight.detach(), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(bias.detach(), expected_bias, rtol=0, atol=1e-15)

@@ -61,6 +61,10 @@ class TrainConfig:
     max_train_blocks: int | None = None
     eval_batches: int = 8
     checkpoint_every: int = 50
+    # BLAS threads for the training arithmetic, in both runtimes (each stage process of the distributed
+    # one): round-off, and with it the bases of rank-deficient statistics, depends on the thread count,
+    # so the runtimes agree exactly, and a resumed run continues exactly, only at one count.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -75,6 +79,8 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 disables), got {self.checkpoint_every!r}")
         self.delays()  # validates stages and the schedule's parameters
@@ -206,12 +212,18 @@ def run_emulated(config: TrainConfig, run: RunDirectory, prefix: str = "") -> di
     run.begin()
     resumed_from = emulator.updates or None
     start = time.perf_counter()
-    for m in progress(range(emulator.updates, config.steps), desc=f"{config.optim.name} P={config.stages}"):
-        losses.append(emulator.step(*train_batches.batch(m)))
-        done = m + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            state = {"emulator": emulator.state_dict(), "losses": losses, "config": resume_config(config)}
-            save_torch_atomic(state, run.file(checkpoint_name))
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # as every stage process of the distributed runtime does
+    try:
+        threads = torch.get_num_threads()
+        for m in progress(range(emulator.updates, config.steps), desc=f"{config.optim.name} P={config.stages}"):
+            losses.append(emulator.step(*train_batches.batch(m)))
+            done = m + 1
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                state = {"emulator": emulator.state_dict(), "losses": losses, "config": resume_config(config)}
+                save_torch_atomic(state, run.file(checkpoint_name))
+    finally:
+        torch.set_num_threads(caller_threads)
     elapsed = time.perf_counter() - start
     model.eval()
     metrics = {
@@ -222,6 +234,7 @@ def run_emulated(config: TrainConfig, run: RunDirectory, prefix: str = "") -> di
         "seconds": elapsed,
         "num_params": sum(p.numel() for p in model.parameters()),
         "resumed_from_step": resumed_from,
+        "threads": threads,
     }
     record = dict(metrics=metrics, config=config_to_dict(config), seed=config.seed)
     extra = {"data": data_info, "runtime": "emulated"}
@@ -321,6 +334,7 @@ def pipeline_job(
         checkpoint_dir=str(checkpoint_dir),
         checkpoint_every=config.checkpoint_every,
         resume_step=resume_step,
+        threads=config.threads,
         device=device,
         run_config=resume_config(config),
     )
@@ -391,6 +405,8 @@ def train_distributed(
         "seconds": seconds,
         "num_params": sum(p.numel() for p in model.parameters()),
         "resumed_from_step": config.steps if finished_stages is not None else job.resume_step,
+        # as the last stage process read it back (the stages set it from the job)
+        "threads": read_json(run.path / LOSSES_NAME).get("threads"),
     }
     run.finish(
         metrics=metrics,

@@ -5,19 +5,20 @@ arXiv 2602.03515 (ICML 2026), Section 4. The update is Adam run in the eigenbasi
 left/right second-moment matrices, the same family as SOAP (Vyas et al., arXiv 2409.11321), which
 is the ("second", "bi") configuration here. For a weight ``W`` (m x n) with gradient ``G``:
 
-* statistics: ``L = b L + (1-b) G G^T`` and ``R = b R + (1-b) G^T G`` (source "second", b = 0.999)
-  or ``L = M M^T``, ``R = M^T M`` of the momentum ``M`` (source "first");
+* statistics: ``L = b L + (1-b) G G^T`` and ``R = b R + (1-b) G^T G`` (source "second", b = 0.999);
+  source "first" keeps none and reads the bases off the look-ahead momentum (:func:`first_order_refresh`);
 * every ``precondition_frequency`` steps, or when no basis exists, refresh ``Q_L``/``Q_R``: a full
   symmetric eigendecomposition on cold start (eigenvalues descending, retried in float64 if the
   float32 one fails); on warm start one power-iteration step ``Q = qr(L Q_sorted)`` after sorting
   the estimated eigenvalues ``diag(Q^T L Q)`` in descending order and permuting the second moment
   ``V`` (which lives in the rotated coordinates) to match (SOAP, Algorithm 4);
 * ``M = b1 M + (1-b1) G`` in original coordinates; ``G~ = Q_L^T G Q_R``, ``M~ = Q_L^T M Q_R``;
-  ``V = b2 V + (1-b2) G~^2``; ``W -= lr * Q_L [ (M~/bc1) / (sqrt(V/bc2) + eps) ] Q_R^T``, with Adam's
-  bias corrections ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (Kingma & Ba 2015, Algorithm 1, written as
-  in ``torch.optim.Adam``) and decoupled weight decay ``W *= 1 - lr * wd`` (Loshchilov & Hutter 2019).
+  ``V = b2 V + (1-b2) G~^2``; ``W -= lr sqrt(bc2) / bc1 * Q_L [ M~ / (sqrt(V) + eps) ] Q_R^T``, with
+  Adam's bias corrections ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` folded into the step size as in SOAP
+  and the authors' code (eps beside the raw ``sqrt(V)``; unrotated parameters keep AdamW's
+  ``sqrt(V/bc2) + eps``) and decoupled weight decay ``W *= 1 - lr * wd`` (Loshchilov & Hutter 2019).
 
-Geometry "bi" rotates both sides, "uni" only the smaller side. A side longer than
+Geometry "bi" rotates both sides, "uni" only the smaller side (the right one of a square matrix). A side longer than
 ``max_precond_dim`` is never rotated (the size guard): on that side the update is plain Adam.
 Every parameter that is not a matrix, or that sits in a group with ``rotate=False``, gets AdamW.
 """
@@ -34,6 +35,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = ("second", "first")
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a parameter's optimizer state: float32 for half-precision parameters.
+
+    Half-precision CPU has no QR or symmetric eigendecomposition kernels, and the statistics' small
+    eigenvalues would drown in bf16 round-off; the authors' code keeps the statistics and the
+    refresh in float32 for the same reason. Other dtypes (float32, float64) keep their own.
+    """
+    return torch.float32 if param_dtype in HALF_PRECISION else param_dtype
+
+
 GEOMETRIES = ("bi", "uni")
 
 
@@ -80,7 +94,8 @@ def power_iteration_refresh(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One warm-start step: sort by estimated eigenvalue, permute ``V`` along ``dim``, then QR.
 
-    Returns the new basis and the permuted second moment (SOAP, Algorithm 4).
+    Returns the new basis and the permuted second moment (SOAP, Algorithm 4). Runs in the statistic's
+    dtype, float32 for half-precision parameters (see :func:`state_dtype`).
     """
     estimated = torch.diagonal(basis.T @ statistic @ basis)
     order = torch.argsort(estimated, descending=True)
@@ -88,6 +103,54 @@ def power_iteration_refresh(
     second_moment = second_moment.index_select(dim, order)
     q, _ = torch.linalg.qr(statistic @ basis)
     return q, second_moment
+
+
+def _qr(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(matrix, mode="complete").Q
+
+
+def first_order_refresh(
+    momentum: torch.Tensor,
+    basis_left: torch.Tensor | None,
+    basis_right: torch.Tensor | None,
+    second_moment: torch.Tensor,
+    sides: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The first-order source's bases from the momentum ``M`` (the authors' code, arXiv 2602.03515, S = 1st).
+
+    Cold start (no basis yet): the singular vectors of ``M`` (descending), retried in float64 if the
+    float32 SVD fails. Warm start: one step of subspace iteration for the singular vectors from the
+    *old* bases, ``Q_L = qr(M Q_R[:, o_R])`` and ``Q_R = qr(M^T Q_L[:, o_L])``, where ``o_R`` orders
+    the columns by the estimated singular values ``||M q_j||`` (descending); ``V`` is permuted by
+    ``o_R`` along its columns and by ``o_L`` along its rows, as the authors do (the "other" axis: a
+    left singular vector pairs with the right one of the same rank). A side that is not rotated
+    stands in as the identity and ``V`` is not permuted along it (the authors permute it, which
+    reorders second moments of unrotated coordinates; see docs). Returns ``(Q_L, Q_R, V)``.
+    """
+    left, right = sides
+    if (left and basis_left is None) or (right and basis_right is None):
+        # a one-sided rotation needs only the square factor of its side, which the thin SVD already is
+        both = left and right
+        try:
+            u, _, vh = torch.linalg.svd(momentum, full_matrices=both)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            logger.debug("svd failed in %s, retrying in float64", momentum.dtype)
+            u, _, vh = (x.to(momentum.dtype) for x in torch.linalg.svd(momentum.double(), full_matrices=both))
+        return (u if left else None), (vh.T if right else None), second_moment
+    new_left, new_right = basis_left, basis_right
+    if left:
+        columns = momentum @ basis_right if right else momentum
+        order = torch.argsort(columns.square().sum(0), descending=True)
+        if right:
+            second_moment = second_moment.index_select(1, order)
+        new_left = _qr(columns[:, order])
+    if right:
+        columns = momentum.T @ basis_left if left else momentum.T
+        order = torch.argsort(columns.square().sum(0), descending=True)
+        if left:
+            second_moment = second_moment.index_select(0, order)
+        new_right = _qr(columns[:, order])
+    return new_left, new_right, second_moment
 
 
 class BasisRotation(torch.optim.Optimizer):
@@ -102,7 +165,8 @@ class BasisRotation(torch.optim.Optimizer):
         eps: Adam's epsilon. (Default: 1e-8)
         weight_decay: decoupled weight decay. (Default: 0.01)
         precondition_frequency: refresh the bases every this many steps. (Default: 10)
-        source: "second" (EMA of G G^T, G^T G) or "first" (momentum M M^T, M^T M). (Default: "second")
+        source: "second" (EMA of G G^T, G^T G) or "first" (SVD / subspace iteration of the momentum, the
+            authors' first-order source). (Default: "second")
         geometry: "bi" (both sides) or "uni" (the smaller side only). (Default: "bi")
         shampoo_beta: EMA coefficient of the statistics for source "second". (Default: 0.999)
         max_precond_dim: sides longer than this are not rotated. (Default: 4096)
@@ -143,23 +207,34 @@ class BasisRotation(torch.optim.Optimizer):
 
     @staticmethod
     def rotated_sides(shape: torch.Size, group: dict[str, Any]) -> tuple[bool, bool]:
-        """Which of (left, right) are rotated for a parameter of ``shape`` in ``group``."""
+        """Which of (left, right) are rotated for a parameter of ``shape`` in ``group``.
+
+        "uni" rotates the smaller side; on a tie (a square matrix) the right side, as the authors'
+        code does (it rotates the right side whenever rows >= cols).
+        """
         if not group["rotate"] or len(shape) != 2:
             return False, False
         rows, cols = shape
         fits_left, fits_right = rows <= group["max_precond_dim"], cols <= group["max_precond_dim"]
         if group["geometry"] == "bi":
             return fits_left, fits_right
-        return (fits_left, False) if rows <= cols else (False, fits_right)
+        return (fits_left, False) if rows < cols else (False, fits_right)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
+        dtype = state_dtype(p.dtype)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         left, right = self.rotated_sides(p.shape, group)
-        state["stat_left"] = torch.zeros(p.shape[0], p.shape[0], dtype=p.dtype, device=p.device) if left else None
-        state["stat_right"] = torch.zeros(p.shape[1], p.shape[1], dtype=p.dtype, device=p.device) if right else None
+        # the first-order source reads its bases off the momentum itself and keeps no statistics
+        second = group["source"] == "second"
+        state["stat_left"] = (
+            torch.zeros(p.shape[0], p.shape[0], dtype=dtype, device=p.device) if left and second else None
+        )
+        state["stat_right"] = (
+            torch.zeros(p.shape[1], p.shape[1], dtype=dtype, device=p.device) if right and second else None
+        )
         state["basis_left"] = None
         state["basis_right"] = None
         return state
@@ -202,31 +277,34 @@ class BasisRotation(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, eps = group["lr"], group["eps"]
+            lr, eps, frequency = group["lr"], group["eps"], group["precondition_frequency"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("BasisRotation does not support sparse gradients")
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
+                grad = p.grad.to(state["exp_avg"].dtype)  # a no-op unless the parameter is half precision
                 state["step"] += 1
                 step = state["step"]
-                exp_avg, rotated = state["exp_avg"], state["stat_left"] is not None or state["stat_right"] is not None
+                exp_avg, sides = state["exp_avg"], self.rotated_sides(p.shape, group)
+                rotated = any(sides)
 
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                if rotated:
-                    source = exp_avg if group["source"] == "first" else grad
+                exp_avg.lerp_(grad, 1.0 - beta1)  # the look-ahead momentum the first-order source reads
+                if rotated and group["source"] == "first":
+                    if (state["basis_left"] is None and state["basis_right"] is None) or step % frequency == 0:
+                        state["basis_left"], state["basis_right"], state["exp_avg_sq"] = first_order_refresh(
+                            exp_avg, state["basis_left"], state["basis_right"], state["exp_avg_sq"], sides
+                        )
+                elif rotated:
                     for side in ("left", "right"):
                         statistic = state[f"stat_{side}"]
                         if statistic is None:  # guarded or "uni" side: its m x m product is never formed
                             continue
-                        product = source @ source.T if side == "left" else source.T @ source
-                        if group["source"] == "first":
-                            statistic.copy_(product)
-                        else:
-                            statistic.lerp_(product, 1.0 - group["shampoo_beta"])
-                    self._refresh(state, step, group["precondition_frequency"])
+                        product = grad @ grad.T if side == "left" else grad.T @ grad
+                        statistic.lerp_(product, 1.0 - group["shampoo_beta"])
+                    self._refresh(state, step, frequency)
+                if rotated:
                     grad, moment = self._rotate(grad, state), self._rotate(exp_avg, state)
                 else:
                     moment = exp_avg
@@ -235,13 +313,21 @@ class BasisRotation(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 bias_correction1 = 1.0 - beta1**step
                 bias_correction2 = 1.0 - beta2**step
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                if rotated:
+                    # SOAP's and the authors' placement: eps beside the raw sqrt(V), the bias corrections in
+                    # the step size (at t = 1 an eps 1/sqrt(1 - b2) times larger than Adam's)
+                    denom = exp_avg_sq.sqrt().add_(eps)
+                    step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+                else:  # AdamW's placement, which the authors' unrotated parameters get from torch.optim.AdamW
+                    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                    step_size = lr / bias_correction1
                 direction = moment / denom
                 if rotated:
                     direction = self._unrotate(direction, state)
                 if group["weight_decay"] != 0.0:
                     p.mul_(1.0 - lr * group["weight_decay"])
-                p.add_(direction, alpha=-lr / bias_correction1)
+                # rounded to the parameter's dtype once, after the whole update is formed in the state's
+                p.add_(direction.to(p.dtype), alpha=-step_size)
         return loss
 
     def extra_memory_floats(self) -> int:

@@ -2,8 +2,9 @@
 
 Under ``torchrun --nproc-per-node P`` (or ``accelerate launch --multi_gpu --num_processes P``,
 which runs torchrun's launcher) the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
-variables are set and :func:`run_from_environment` joins the group (see :func:`launch_mode`). :func:`run_local` spawns P processes on this machine over gloo on 127.0.0.1 (one
-thread each, as oversubscribed threads make small-matrix work 30-50x slower).
+variables are set and :func:`run_from_environment` joins the group (see :func:`launch_mode`). :func:`run_local` spawns P processes on this machine over gloo on 127.0.0.1
+(``PipelineJob.threads`` threads each, default 1, as oversubscribed threads make small-matrix work 30-50x
+slower).
 """
 
 from __future__ import annotations
@@ -58,14 +59,18 @@ def _run_rank(job: PipelineJob, rank: int, device: torch.device, result_dir: Pat
         worker.save_final_weights(result_dir)  # before the barrier: all stages are on disk after it
     dist.barrier()
     if result_dir is not None and worker.is_last:
-        payload = {"losses": {str(m): v for m, v in sorted(losses.items())}, "next_backward": worker.next_backward}
+        payload = {
+            "losses": {str(m): v for m, v in sorted(losses.items())},
+            "next_backward": worker.next_backward,
+            "threads": torch.get_num_threads(),  # what the run used, for its record
+        }
         write_json_atomic(result_dir / LOSSES_NAME, payload)
     dist.barrier()  # losses.json is on disk for rank 0, which writes the run record under a launcher
     return losses
 
 
 def _local_entry(rank: int, job: PipelineJob, port: int, result_dir: str, errors: Any) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(job.threads)
     try:
         dist.init_process_group(
             "gloo",
@@ -103,7 +108,7 @@ def run_local(job: PipelineJob, result_dir: str | os.PathLike[str] | None = None
         out = Path(result_dir) if result_dir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         previous = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["OMP_NUM_THREADS"] = str(job.threads)
         errors = mp.get_context("spawn").SimpleQueue()
         try:
             context = mp.start_processes(
@@ -168,7 +173,8 @@ def run_from_environment(job: PipelineJob, result_dir: str | os.PathLike[str] | 
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        # the job's count, not the launcher's OMP_NUM_THREADS: the emulated runtime uses the same one
+        torch.set_num_threads(job.threads)
         device = torch.device("cpu")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:

@@ -82,6 +82,7 @@ class PipelineJob:
     resume_step: int | None = None
     device: str = "cpu"
     run_config: dict[str, Any] | None = None  # the training run's config, checked on resume
+    threads: int = 1  # torch threads per stage process on CPU (TrainConfig.threads)
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to continue (the optimizer state brings back the saved lr,
