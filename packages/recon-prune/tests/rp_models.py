@@ -21,6 +21,18 @@ def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
             max_position_embeddings=64,
         )
         return transformers.LlamaForCausalLM(config).eval()
+    if kind == "mistral-sliding":  # every layer sees only the last 4 tokens
+        config = transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            sliding_window=4,
+        )
+        return transformers.MistralForCausalLM(config).eval()
     if kind == "mistral":
         config = transformers.MistralConfig(
             vocab_size=VOCAB,
@@ -32,6 +44,46 @@ def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
             max_position_embeddings=64,
         )
         return transformers.MistralForCausalLM(config).eval()
+    if kind == "qwen2-sliding":  # layers from max_window_layers on see only the last 4 tokens
+        config = transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        )
+        return transformers.Qwen2ForCausalLM(config).eval()
+    if kind == "gemma2":  # alternating sliding-window (4 tokens) and full attention layers
+        config = transformers.Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            sliding_window=4,
+        )
+        return transformers.Gemma2ForCausalLM(config).eval()
+    if kind == "mixtral":  # transformers 5 stores the experts as fused 3-d parameters
+        config = transformers.MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+        return transformers.MixtralForCausalLM(config).eval()
     if kind == "qwen2":
         config = transformers.Qwen2Config(
             vocab_size=VOCAB,

@@ -187,6 +187,12 @@ def test_demo_on_a_small_model(model_dir, tmp_path, capsys) -> None:
     assert "| sparsegpt | br+gp+cr | " in printed and "| wanda | none | " in printed and "self-gen" in printed
     results = json.loads((out / "results.json").read_text())
     assert len(results["metrics"]["runs"]) == 11
+    baselines = {(run["method"], run["reduction_baseline"]) for run in results["metrics"]["runs"]}
+    assert baselines == {("sparsegpt", "lr"), ("wanda", "none")}
+    sparsegpt_lr = next(
+        r for r in results["metrics"]["runs"] if r["method"] == "sparsegpt" and r["reconstruction"] == "lr"
+    )
+    assert sparsegpt_lr["error_reduction"] == 0.0
     assert (out / "demo_table.md").is_file() and (out / "error_per_block.png").is_file()
 
 

@@ -191,6 +191,33 @@ def test_reported_errors_equal_sparse_vs_dense_hidden_states(reconstruction: str
         assert report.block_errors[i] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "qwen2-sliding"])
+def test_reported_errors_are_right_when_blocks_take_different_masks(kind: str, calib_ids: torch.Tensor) -> None:
+    """Sliding-window and full-attention blocks in one model: each block runs with its own mask."""
+    dense = make_model(kind, layers=4)
+    pruned = copy.deepcopy(dense)
+    report = prune(pruned, calib_ids, PruneConfig(method="sparsegpt", reconstruction="br", **FAST))
+    with torch.no_grad():
+        h_dense = dense(input_ids=calib_ids, output_hidden_states=True).hidden_states
+        h_sparse = pruned(input_ids=calib_ids, output_hidden_states=True).hidden_states
+    for i in range(3):  # the last entry of hidden_states has the final norm applied
+        expected = torch.nn.functional.mse_loss(h_sparse[i + 1], h_dense[i + 1]).item()
+        assert report.block_errors[i] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("reconstruction", ["br", "br+gp", "br+cr", "br+gp+cr"])
+def test_every_parameter_keeps_its_own_requires_grad_flag(reconstruction: str, calib_ids: torch.Tensor) -> None:
+    model = make_model("llama", layers=3)
+    _, blocks = find_decoder_blocks(model)
+    blocks[1].self_attn.q_proj.weight.requires_grad_(False)  # frozen before pruning: stays frozen
+    blocks[2].input_layernorm.weight.requires_grad_(False)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert not all(before.values()) and any(before.values())
+    report = prune(model, calib_ids, PruneConfig(method="wanda", reconstruction=reconstruction, **FAST))
+    assert all(step["steps"] > 0 for step in report.reconstruction)  # the blocks were trained
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+
+
 def test_lr_is_the_sparsegpt_update_and_a_no_op_for_wanda(calib_ids: torch.Tensor) -> None:
     dense = make_model("llama")
     runs = {}
@@ -398,3 +425,97 @@ def test_checkpoint_files_are_fsynced_before_the_state_commits_them(
         last_file = max(i for i, (kind, path) in enumerate(events[:k]) if re.search(r"\.pt\.[0-9a-f]{8}\.tmp$", path))
         assert ("fsync", directory) in events[last_file:k]  # the renames are durable before the commit
         assert next(path for kind, path in events[k + 1 :] if kind == "fsync") == directory  # and the commit
+
+
+def _masked_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The block's state dict as its forward sees it (masked weights under their plain names)."""
+    state = {}
+    for module_name, module in block.named_modules():
+        if ".parametrizations" in module_name or module_name.startswith("parametrizations"):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, value in module.named_parameters(recurse=False):
+            state[prefix + name] = value.detach().clone()
+        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            state[prefix + "weight"] = module.weight.detach().clone()
+    return state
+
+
+def _spy_on_training(monkeypatch, blocks) -> list[tuple[list[int], torch.Tensor, list[dict[str, torch.Tensor]]]]:
+    """Record every train_blocks call as (block indices, target, states of the blocks as they enter it)."""
+    calls = []
+    real = driver.train_blocks
+
+    def spy(trained, block_inputs, inputs, targets, hparams, **kwargs):
+        indices = [next(j for j, b in enumerate(blocks) if b is block) for block in trained]
+        calls.append((indices, targets.clone(), [_masked_state(block) for block in trained]))
+        return real(trained, block_inputs, inputs, targets, hparams, **kwargs)
+
+    monkeypatch.setattr(driver, "train_blocks", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reconstruction", ["br+cr", "br+gp+cr"])
+@pytest.mark.parametrize("cr_target", ["dense-window", "dense-block-on-reconstructed"])
+def test_cr_trains_windows_up_to_the_last_block_alone(
+    reconstruction: str, cr_target: str, calib_ids: torch.Tensor, monkeypatch
+) -> None:
+    """The authors' windows: [0], [0, 1], [1, 2], [2, 3], then [3] alone, so every block trains twice."""
+    model = make_model("llama", layers=4)
+    _, blocks = find_decoder_blocks(model)
+    calls = _spy_on_training(monkeypatch, blocks)
+    config = PruneConfig(method="wanda", reconstruction=reconstruction, cr_target=cr_target, **FAST)
+    report = prune(model, calib_ids, config)
+    assert [indices for indices, _, _ in calls] == [[0], [0, 1], [1, 2], [2, 3], [3]]
+    assert all(sum(i in indices for indices, _, _ in calls) == 2 for i in range(4))
+    assert report.reconstruction[-1]["last_alone_steps"] > 0
+
+
+def test_cr_last_window_target_is_the_dense_last_block_on_its_final_inputs(calib_ids: torch.Tensor, monkeypatch):
+    dense = make_model("llama", layers=3)
+    model = copy.deepcopy(dense)
+    _, blocks = find_decoder_blocks(model)
+    calls = _spy_on_training(monkeypatch, blocks)
+    prune(model, calib_ids, PruneConfig(method="wanda", reconstruction="br+cr", **FAST))
+    indices, target, _ = calls[-1]
+    assert indices == [2]
+    # by hand: the model's own forward with the final blocks 0, 1 and the dense block 2
+    reference = copy.deepcopy(dense)
+    _, reference_blocks = find_decoder_blocks(reference)
+    for j in (0, 1):
+        reference_blocks[j].load_state_dict(blocks[j].state_dict())
+    outputs = {}
+    reference_blocks[2].register_forward_hook(lambda _m, _a, out: outputs.setdefault("last", out))
+    with torch.no_grad():
+        reference(input_ids=calib_ids)
+    torch.testing.assert_close(target, outputs["last"], rtol=1e-4, atol=1e-5)
+
+
+def test_cr_authors_target_is_the_dense_block_on_the_reconstructed_previous_block(
+    calib_ids: torch.Tensor, monkeypatch
+) -> None:
+    """cr_target='dense-block-on-reconstructed': the window (i-1, i) trains towards the dense block i
+    applied to the provisional block i-1 (as trained in window (i-2, i-1)) on block i-1's sparse inputs."""
+    dense = make_model("llama", layers=4)
+    model = copy.deepcopy(dense)
+    _, blocks = find_decoder_blocks(model)
+    calls = _spy_on_training(monkeypatch, blocks)
+    config = PruneConfig(method="wanda", reconstruction="br+cr", cr_target="dense-block-on-reconstructed", **FAST)
+    prune(model, calib_ids, config)
+    for start in (0, 1):  # windows (0, 1) and (1, 2)
+        indices, target, entering = calls[start + 1]
+        assert indices == [start, start + 1]
+        # by hand, through the model's own forward: the final blocks before the window, the
+        # provisional block `start` as it entered the window, then the dense block start + 1
+        reference = copy.deepcopy(dense)
+        _, reference_blocks = find_decoder_blocks(reference)
+        for j in range(start):
+            reference_blocks[j].load_state_dict(blocks[j].state_dict())
+        reference_blocks[start].load_state_dict(entering[0])
+        with torch.no_grad():
+            hidden = reference(input_ids=calib_ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(target, hidden[start + 2], rtol=1e-4, atol=1e-5)
+        # and it is not the default dense-window target
+        with torch.no_grad():
+            dense_window = dense(input_ids=calib_ids, output_hidden_states=True).hidden_states[start + 2]
+        assert (target - dense_window).abs().max() > 1e-3 or start == 0

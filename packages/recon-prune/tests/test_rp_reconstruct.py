@@ -22,8 +22,8 @@ from recon_prune.reconstruct import apply_mask, bake_masks, evaluate_loss, train
 def _pruned_block(kind: str, calib_ids: torch.Tensor):
     model = make_model(kind)
     _, blocks = find_decoder_blocks(model)
-    hidden, inputs = capture_block_inputs(model, calib_ids, device="cpu")
-    block = blocks[0]
+    hidden, calls = capture_block_inputs(model, calib_ids, device="cpu")
+    block, inputs = blocks[0], calls[:1]
     with torch.no_grad():
         target = run_blocks([block], inputs, hidden)
     masks = {}

@@ -25,6 +25,10 @@ _RECON_ALIASES = {
     "cr+br": "br+cr",
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Targets of a CR window (blocks i-1, i) without GP; with GP the target is always the dense path.
+DENSE_WINDOW = "dense-window"  # the dense blocks i-1, i on the sparse-path inputs of block i-1
+DENSE_BLOCK_ON_RECONSTRUCTED = "dense-block-on-reconstructed"  # the authors': dense block i after the provisional i-1
+CR_TARGETS = (DENSE_WINDOW, DENSE_BLOCK_ON_RECONSTRUCTED)
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -130,6 +134,11 @@ class PruneConfig:
         offload_device: where the activation buffers and the CR window's idle blocks live. Finished
             blocks go back to the device they were on before the run. (Default: cpu)
         dtype: dtype of the saved model; ``auto`` keeps the model's. Pruning math runs in float32.
+        cr_target: what a CR window (blocks ``i-1, i``) trains towards without GP (``br+cr``):
+            ``dense-window``, the dense blocks ``i-1, i`` on the sparse-path inputs of block ``i-1``, or
+            ``dense-block-on-reconstructed``, the authors' target (rethinking-LLM-pruning): the dense
+            block ``i`` on the output of the already reconstructed block ``i-1`` (as trained in the
+            previous window). Ignored with GP, whose target is the dense path. (Default: dense-window)
     """
 
     method: str = "sparsegpt"
@@ -150,6 +159,7 @@ class PruneConfig:
     device: str = "auto"
     offload_device: str = "cpu"
     dtype: str = "auto"
+    cr_target: str = DENSE_WINDOW
 
     def __post_init__(self) -> None:
         if self.method not in MASK_METHODS:
@@ -192,6 +202,8 @@ class PruneConfig:
             raise ValueError(f"blocksize={self.blocksize} must be a multiple of M={nm[1]} for pattern {self.pattern!r}")
         if not self.percdamp >= 0.0:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
+        if self.cr_target not in CR_TARGETS:
+            raise ValueError(f"unknown cr_target {self.cr_target!r}; expected one of {', '.join(CR_TARGETS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         check_device(self.device, "device", allow_auto=True)

@@ -38,10 +38,11 @@ from torch import nn
 
 from recon_prune.calibration import CalibrationData, as_calibration
 from recon_prune.checkpoint import Checkpoint, baked_state, block_state, fingerprint
-from recon_prune.config import PruneConfig, ReconstructionHParams
+from recon_prune.config import DENSE_BLOCK_ON_RECONSTRUCTED, DENSE_WINDOW, PruneConfig, ReconstructionHParams
 from recon_prune.evaluate import sparsity_report
 from recon_prune.methods import BLOCK_TARGET, DENSE_PATH_TARGET, MaskMethod
 from recon_prune.model_adapter import (
+    BlockCalls,
     BlockInputs,
     capture_block_inputs,
     find_linears,
@@ -66,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _forward(
-    blocks: list[nn.Module], inputs: BlockInputs, x: torch.Tensor, device: torch.device, batch: int
+    blocks: list[nn.Module], inputs: list[BlockInputs], x: torch.Tensor, device: torch.device, batch: int
 ) -> torch.Tensor:
     outs = []
     with torch.no_grad():
@@ -91,7 +92,7 @@ def _collect_stats(
 
         handles.append(module.register_forward_hook(hook))
     try:
-        _forward([block], inputs, x, device, batch)
+        _forward([block], [inputs], x, device, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -195,7 +196,7 @@ class _Run:
     hparams: ReconstructionHParams
     blocks: nn.ModuleList
     path: str
-    replay: BlockInputs  # the captured block arguments, on the compute device
+    replay: BlockCalls  # every block's own captured arguments, on the compute device
     report: PruneReport
     checkpoint: Checkpoint | None
     device: torch.device
@@ -204,12 +205,17 @@ class _Run:
     homes: list[torch.device]  # where each block goes back when final
     model_dtype: torch.dtype
 
-    def forward(self, blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        return _forward(blocks, self.replay, x, self.device, self.hparams.batch_size)
+    def calls(self, first: int, count: int) -> list[BlockInputs]:
+        """The arguments of blocks ``first, ..., first + count - 1``."""
+        return list(self.replay[first : first + count])
+
+    def forward(self, first: int, blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """``blocks`` (model blocks ``first, first + 1, ...`` or copies of them) applied to ``x``."""
+        return _forward(blocks, self.calls(first, len(blocks)), x, self.device, self.hparams.batch_size)
 
 
 def _target(
-    run: _Run, block: nn.Module, sparse_in: torch.Tensor, dense_out: torch.Tensor, window: _Window
+    run: _Run, i: int, block: nn.Module, sparse_in: torch.Tensor, dense_out: torch.Tensor, window: _Window
 ) -> torch.Tensor | None:
     """What block ``i`` (with block ``i-1`` under CR) trains towards, computed before it is pruned."""
     technique = run.config.technique
@@ -217,11 +223,15 @@ def _target(
         return dense_out
     if technique.target != BLOCK_TARGET:
         return None
+    if technique.window == 2 and window.block is not None and run.config.cr_target == DENSE_BLOCK_ON_RECONSTRUCTED:
+        # the authors' target: dense block i on the output of the reconstructed (provisional) block i-1
+        provisional_out = run.forward(i - 1, [window.block.to(run.device)], window.sparse_in)
+        return run.forward(i, [block], provisional_out)
     if technique.window == 2 and window.block is not None:  # dense window (i-1, i) on block i-1's inputs
-        target = run.forward([window.dense.to(run.device), block], window.sparse_in)
+        target = run.forward(i - 1, [window.dense.to(run.device), block], window.sparse_in)
         window.dense = None
         return target
-    return run.forward([block], sparse_in)  # BR: the dense block on the sparse-path inputs
+    return run.forward(i, [block], sparse_in)  # BR: the dense block on the sparse-path inputs
 
 
 def _reconstruct(
@@ -232,9 +242,15 @@ def _reconstruct(
     sparse_in: torch.Tensor,
     dense_in: torch.Tensor,
     window: _Window,
+    dense_out: torch.Tensor,
+    dense_copy: nn.Module | None,
 ) -> tuple[dict[str, float], dict[int, nn.Module], torch.Tensor]:
     """Train the pruned block (or the CR window); returns the step's report, the blocks now final and
-    block ``i``'s sparse-path input (under CR it comes from the just-finished block ``i-1``)."""
+    block ``i``'s sparse-path input (under CR it comes from the just-finished block ``i-1``).
+
+    CR trains the windows ``[0], [0, 1], ..., [L-2, L-1]`` and then ``[L-1]`` alone, as the authors'
+    code does, so every block is trained twice; the last window's target is the dense path under GP
+    and otherwise the dense block ``L-1`` (``dense_copy``) on the output of the final block ``L-2``."""
     config, n_real = run.config, run.num_real
     seed = config.seed * 1_000_003 + i
     step_report: dict[str, float] = {"block": float(i)}
@@ -243,15 +259,19 @@ def _reconstruct(
     if config.uses_cr:  # train the window (block i-1, block i) from the sparse inputs of block i-1
         prev = window.block
         if prev is None:
-            step_report |= train_blocks([block], run.replay, sparse_in, target, **train)
+            step_report |= train_blocks([block], run.calls(i, 1), sparse_in, target, **train)
         else:
             prev.to(run.device)
-            step_report |= train_blocks([prev, block], run.replay, window.sparse_in, target, **train)
-            sparse_in = run.forward([prev], window.sparse_in)  # block i-1 is final now
+            step_report |= train_blocks([prev, block], run.calls(i - 1, 2), window.sparse_in, target, **train)
+            sparse_in = run.forward(i - 1, [prev], window.sparse_in)  # block i-1 is final now
             run.report.block_errors[i - 1] = mse(sparse_in[:n_real], dense_in[:n_real])
             finished[i - 1] = prev
+        if i == len(run.blocks) - 1:  # the last block alone, from the inputs of the now final block i-1
+            last_target = dense_out if config.uses_gp else run.forward(i, [dense_copy.to(run.device)], sparse_in)
+            alone = train_blocks([block], run.calls(i, 1), sparse_in, last_target, **(train | {"seed": seed + 1}))
+            step_report |= {f"last_alone_{key}": value for key, value in alone.items()}
     elif config.uses_block_training:
-        step_report |= train_blocks([block], run.replay, sparse_in, target, **train)
+        step_report |= train_blocks([block], run.calls(i, 1), sparse_in, target, **train)
     return step_report, finished, sparse_in
 
 
@@ -282,19 +302,23 @@ def _prune_block(
     config, report, n_real = run.config, run.report, run.num_real
     last = i == len(run.blocks) - 1
     block = run.blocks[i].to(run.device, torch.float32)
-    dense_out = run.forward([block], dense_in)
-    target = _target(run, block, sparse_in, dense_out, window)
-    # CR without GP targets the dense window (i, i+1) next time, so the dense block i must outlive its
-    # pruning; every other target is computed from block i itself before it is pruned (no dense copy).
-    dense_copy = _copy_to(block, run.offload) if config.uses_cr and not config.uses_gp and not last else None
+    dense_out = run.forward(i, [block], dense_in)
+    target = _target(run, i, block, sparse_in, dense_out, window)
+    # CR without GP targets the dense window (i, i+1) next time, and the last block's final window its
+    # dense self on new inputs, so the dense block i must outlive its pruning; every other target is
+    # computed from block i itself before it is pruned (no dense copy).
+    keeps_dense = config.cr_target == DENSE_WINDOW or last
+    dense_copy = _copy_to(block, run.offload) if config.uses_cr and not config.uses_gp and keeps_dense else None
     stats = _collect_stats(
-        block, config.mask_method, run.replay, sparse_in[:n_real], run.device, run.hparams.batch_size
+        block, config.mask_method, run.replay[i], sparse_in[:n_real], run.device, run.hparams.batch_size
     )
     report.masks.update(_prune_linears(block, stats, config, f"{run.path}.{i}"))
     del stats
-    step_report, finished, sparse_in = _reconstruct(run, i, block, target, sparse_in, dense_in, window)
+    step_report, finished, sparse_in = _reconstruct(
+        run, i, block, target, sparse_in, dense_in, window, dense_out, dense_copy if last else None
+    )
     del target
-    sparse_out = run.forward([block], sparse_in)
+    sparse_out = run.forward(i, [block], sparse_in)
     report.block_errors[i] = mse(sparse_out[:n_real], dense_out[:n_real])
     report.reconstruction.append(step_report)
     if not config.uses_cr or last:
@@ -302,7 +326,9 @@ def _prune_block(
     for index, done in finished.items():  # back where the block was before the run, in the model's dtype
         bake_masks(done)
         done.to(run.homes[index], run.model_dtype)
-    next_window = _Window(block=block, dense=dense_copy, sparse_in=sparse_in) if config.uses_cr and not last else None
+    next_window = None
+    if config.uses_cr and not last:
+        next_window = _Window(block=block, dense=dense_copy, sparse_in=sparse_in)
     if run.checkpoint is not None:
         _save_checkpoint(run, i, finished, (sparse_out, dense_out), next_window)
     if next_window is None:

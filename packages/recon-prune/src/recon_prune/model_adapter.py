@@ -5,11 +5,16 @@ equals ``config.num_hidden_layers`` (``n_layer`` for GPT-2) when the config says
 ``model.model.layers`` (Llama, Mistral, Qwen2), ``model.model.decoder.layers`` (OPT) and
 ``transformer.h`` (GPT-2) alike.
 
-The first block's inputs are captured with a forward pre-hook that records every positional and
-keyword argument and then raises :class:`StopForward`, so nothing past the embeddings runs. The
-arguments besides the hidden states (rotary ``position_embeddings``, masks, ``position_ids``, cache
-positions, ...) are replayed unchanged to every block; they are built for one sample and broadcast
-over a batch of samples, which holds for causal attention without padding.
+Every block's own call arguments are captured: one forward of the first calibration row runs the
+whole stack (one block on the compute device at a time) with a forward pre-hook on every block that
+records its positional and keyword arguments, and stops after the last block. Blocks of one model
+need not share their arguments: Gemma2/Gemma3, Cohere2, GPT-OSS and Qwen2 with
+``use_sliding_window`` (``config.layer_types``) give sliding-window layers a different attention mask,
+and Gemma3 local layers different rotary embeddings, so block 0's arguments replayed to block 1
+would compute another function. The other rows stop at block 0 (:class:`StopForward`), so nothing
+past the embeddings runs for them. The arguments besides the hidden states (rotary
+``position_embeddings``, masks, ``position_ids``, cache positions, ...) are built for one sample and
+broadcast over a batch of samples, which holds for causal attention without padding.
 
 GPT-2 stores its projections as ``transformers.pytorch_utils.Conv1D`` with the weight transposed
 (``(in, out)``); :func:`weight_matrix` always returns the ``(out, in)`` view.
@@ -40,7 +45,7 @@ class UnsupportedModelError(ValueError):
 
 
 class StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by the capture hooks once the inputs they need are recorded (nothing after runs)."""
 
 
 def _expected_layers(model: nn.Module) -> int | None:
@@ -120,20 +125,38 @@ def block_output(output: Any) -> torch.Tensor:
     raise UnsupportedModelError(f"decoder block returned {type(output).__name__}; expected a tensor or a tuple")
 
 
+def _move(value: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
+    """``value`` with every tensor on ``device``; a tensor shared by several blocks' arguments (the
+    rotary embeddings, one mask per layer type) is moved once and stays shared."""
+    if isinstance(value, torch.Tensor):
+        # the original is kept in the memo too: were it freed, a new tensor could reuse its id
+        if id(value) not in memo:
+            memo[id(value)] = (value, value.to(device))
+        return memo[id(value)][1]
+    if isinstance(value, dict):
+        return {key: _move(item, device, memo) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_move(item, device, memo) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(item, device, memo) for item in value)
+    if hasattr(value, "to") and callable(value.to):  # e.g. a flex-attention BlockMask
+        return value.to(device)
+    return value
+
+
 @dataclass
 class BlockInputs:
-    """Everything the first decoder block received, except the hidden states."""
+    """Everything one decoder block received, except the hidden states."""
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_as_kwarg: bool = False
 
-    def to(self, device: torch.device | str) -> BlockInputs:
-        from accelerate.utils import send_to_device
-
+    def to(self, device: torch.device | str, memo: dict[int, Any] | None = None) -> BlockInputs:
+        memo = {} if memo is None else memo
         return BlockInputs(
-            args=tuple(send_to_device(list(self.args), device)),
-            kwargs=send_to_device(self.kwargs, device),
+            args=tuple(_move(list(self.args), device, memo)),
+            kwargs=_move(self.kwargs, device, memo),
             hidden_as_kwarg=self.hidden_as_kwarg,
         )
 
@@ -143,9 +166,33 @@ class BlockInputs:
         return block_output(block(hidden, *self.args, **self.kwargs))
 
 
-def run_blocks(blocks: Sequence[nn.Module], inputs: BlockInputs, hidden: torch.Tensor) -> torch.Tensor:
-    for block in blocks:
-        hidden = inputs.call(block, hidden)
+class BlockCalls(Sequence[BlockInputs]):
+    """The captured arguments of every decoder block, by block index (``calls[i]`` is block i's)."""
+
+    def __init__(self, calls: Sequence[BlockInputs]) -> None:
+        self._calls = list(calls)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._calls[index]
+
+    def to(self, device: torch.device | str) -> BlockCalls:
+        memo: dict[int, Any] = {}  # one memo for all blocks keeps shared tensors shared
+        return BlockCalls([call.to(device, memo) for call in self._calls])
+
+
+def run_blocks(
+    blocks: Sequence[nn.Module], inputs: BlockInputs | Sequence[BlockInputs], hidden: torch.Tensor
+) -> torch.Tensor:
+    """Apply ``blocks`` in turn; ``inputs`` holds each block's own arguments, in the same order (one
+    :class:`BlockInputs` is replayed to every block, which is right only when all blocks share them)."""
+    calls = [inputs] * len(blocks) if isinstance(inputs, BlockInputs) else list(inputs)
+    if len(calls) != len(blocks):
+        raise ValueError(f"{len(blocks)} blocks but the arguments of {len(calls)}")
+    for block, call in zip(blocks, calls, strict=True):
+        hidden = call.call(block, hidden)
     return hidden
 
 
@@ -160,6 +207,27 @@ def _non_block_modules(model: nn.Module, blocks_path: str) -> Iterator[nn.Module
         node = getattr(node, part)
 
 
+def _module_device(module: nn.Module) -> torch.device | None:
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return first.device if first is not None else None
+
+
+def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockInputs]:
+    """The hidden states of one block call and the rest, without the KV cache (replays must not grow it)."""
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest, as_kwarg = args[0], tuple(args[1:]), False
+    else:
+        hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
+    for key in ("past_key_values", "past_key_value", "layer_past"):
+        kwargs.pop(key, None)
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return hidden, BlockInputs(args=rest, kwargs=kwargs, hidden_as_kwarg=as_kwarg)
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -167,52 +235,63 @@ def capture_block_inputs(
     *,
     device: torch.device | str,
     offload_device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, BlockInputs]:
-    """Hidden states entering block 0 for every row of ``input_ids`` (on ``offload_device``) and the
-    other arguments of that call (from the first row, to be replayed)."""
+) -> tuple[torch.Tensor, BlockCalls]:
+    """Hidden states entering block 0 for every row of ``input_ids`` (on ``offload_device``) and every
+    block's own call arguments (from the first row, to be replayed; see the module docstring)."""
     path, blocks = find_decoder_blocks(model)
     moved = list(_non_block_modules(model, path))
-    original_devices = []
+    original_devices = [_module_device(module) for module in moved]
     for module in moved:
-        first = next(iter(module.parameters()), None)
-        if first is None:
-            first = next(iter(module.buffers()), None)
-        original_devices.append(first.device if first is not None else None)
         module.to(device)
-    captured: dict[str, Any] = {}
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured["args"], captured["kwargs"] = args, dict(kwargs)
-        raise StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    calls: dict[int, BlockInputs] = {}
     hidden_rows: list[torch.Tensor] = []
-    replay: BlockInputs | None = None
+    state = {"whole_stack": True}
+    homes: dict[int, torch.device | None] = {}
+    offload_memo: dict[int, Any] = {}  # one copy of a tensor that several blocks receive
+
+    def pre_hook(index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden, call = _split_call(args, kwargs)
+        if index == 0:
+            hidden_rows.append(hidden.detach().to(offload_device))
+        if not state["whole_stack"]:
+            raise StopForward
+        calls[index] = call.to(offload_device, offload_memo)
+        homes[index] = _module_device(module)
+        module.to(device)  # one block on the compute device at a time
+
+    def post_hook(index: int, module: nn.Module, _args: Any, _output: Any) -> None:
+        if homes.get(index) is not None:
+            module.to(homes[index])
+        if index == len(blocks) - 1:
+            raise StopForward  # the final norm and the LM head are not needed
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(
+            block.register_forward_pre_hook(lambda m, a, k, index=index: pre_hook(index, m, a, k), with_kwargs=True)
+        )
+        handles.append(block.register_forward_hook(lambda m, a, o, index=index: post_hook(index, m, a, o)))
     try:
-        for row in input_ids:
+        for row_index, row in enumerate(input_ids):
+            state["whole_stack"] = row_index == 0
             try:
                 model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
             except StopForward:
                 pass
             else:  # pragma: no cover - a model that never calls its blocks
                 raise UnsupportedModelError(f"{type(model).__name__}.forward never called its decoder block 0 ({path})")
-            args, kwargs = captured["args"], captured["kwargs"]
-            if args:
-                hidden, rest, as_kwarg = args[0], tuple(args[1:]), False
-            else:
-                hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
-            hidden_rows.append(hidden.detach().to(offload_device))
-            if replay is None:
-                kwargs.pop("past_key_values", None)
-                kwargs.pop("past_key_value", None)
-                kwargs.pop("layer_past", None)
-                if "use_cache" in kwargs:
-                    kwargs["use_cache"] = False
-                replay = BlockInputs(args=rest, kwargs=kwargs, hidden_as_kwarg=as_kwarg).to(offload_device)
+            if row_index == 0 and len(calls) != len(blocks):
+                missing = sorted(set(range(len(blocks))) - set(calls))
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}.forward did not call decoder blocks {missing} of {path}"
+                )
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for index, home in homes.items():
+            if home is not None:
+                blocks[index].to(home)
         for module, dev in zip(moved, original_devices, strict=False):
             if dev is not None:
                 module.to(dev)
-    assert replay is not None
-    return torch.cat(hidden_rows, dim=0), replay
+    return torch.cat(hidden_rows, dim=0), BlockCalls([calls[i] for i in range(len(blocks))])

@@ -62,7 +62,7 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_loss(
     blocks: Sequence[nn.Module],
-    block_inputs: BlockInputs,
+    block_inputs: BlockInputs | Sequence[BlockInputs],
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -82,7 +82,7 @@ def evaluate_loss(
 
 def train_blocks(
     blocks: Sequence[nn.Module],
-    block_inputs: BlockInputs,
+    block_inputs: BlockInputs | Sequence[BlockInputs],
     inputs: torch.Tensor,
     targets: torch.Tensor,
     hparams: ReconstructionHParams,
@@ -99,6 +99,10 @@ def train_blocks(
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
     params = [p for block in blocks for p in block.parameters()]
+    # Every parameter is trained (the paper trains all of a block's weights, biases and norms), and
+    # each one's own requires_grad flag is given back afterwards, frozen ones included, so a model
+    # that is fine-tuned after pruning trains exactly what it trained before.
+    own_flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     loss_before = evaluate_loss(blocks, block_inputs, inputs, targets, device=device, batch_size=hparams.batch_size)
@@ -124,8 +128,8 @@ def train_blocks(
                 torch.nn.utils.clip_grad_norm_(params, hparams.grad_clip)
                 optimizer.step()
                 scheduler.step()
-    for p in params:
-        p.requires_grad_(False)
+    for p, flag in zip(params, own_flags, strict=True):
+        p.requires_grad_(flag)
     loss_after = evaluate_loss(blocks, block_inputs, inputs, targets, device=device, batch_size=hparams.batch_size)
     log.debug("reconstruction: loss %.4g -> %.4g in %d steps", loss_before, loss_after, total_steps)
     return {"loss_before": loss_before, "loss_after": loss_after, "steps": float(total_steps)}
