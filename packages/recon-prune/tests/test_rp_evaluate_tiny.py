@@ -37,6 +37,51 @@ def test_sparsity_report_counts_zeros() -> None:
     assert report["zeros"] == 64 * 16 and 0 < report["overall"] < 0.1
 
 
+def _zeros_over_every_block_matrix(model: torch.nn.Module) -> tuple[int, int]:
+    """Zeros and entries of every parameter of two or more dimensions in the decoder blocks, counted
+    without the package's layer discovery (a fused 3-d expert tensor is its experts' matrices)."""
+    zeros = total = 0
+    for block in model.model.layers:
+        for parameter in block.parameters():
+            if parameter.dim() >= 2:
+                zeros += int((parameter == 0).sum())
+                total += parameter.numel()
+    return zeros, total
+
+
+def test_sparsity_report_counts_fused_experts_and_the_router_and_names_them_dense() -> None:
+    """transformers 5 stores Mixtral's experts as fused 3-d parameters and its router as a bare
+    parameter: neither is an nn.Linear, yet both are weight matrices of the block."""
+    model = make_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[:, :16] = 0
+        model.model.layers[1].mlp.experts.down_proj[2, :, :8] = 0  # part of one expert's matrix
+    report = sparsity_report(model)
+    zeros, total = _zeros_over_every_block_matrix(model)
+    assert (report["zeros"], report["total"]) == (zeros, total)
+    assert report["overall"] == zeros / total
+    dense = report["dense"]
+    for i in range(2):
+        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            entry = dense[f"model.layers.{i}.{name}"]
+            assert entry["reason"] == "fused expert parameter: not pruned by this version"
+            assert entry["matrices"] == 4  # one per expert
+        router = dense[f"model.layers.{i}.mlp.gate.weight"]
+        assert router["reason"] == "router: kept dense" and router["matrices"] == 1
+    assert dense["model.layers.1.mlp.experts.down_proj"]["sparsity"] == 8 / 64 / 4
+    assert len(dense) == 6 and not any(name in report["layers"] for name in dense)
+
+
+def test_sparsity_report_of_a_dense_model_counts_its_linear_layers_and_leaves_nothing_dense() -> None:
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[:10] = 0
+    report = sparsity_report(model)
+    assert (report["zeros"], report["total"]) == _zeros_over_every_block_matrix(model)
+    assert report["zeros"] == 10 * 32 and report["dense"] == {}
+    assert len(report["layers"]) == 2 * 7
+
+
 def test_byte_tokenizer_maps_bytes_to_ids_and_round_trips(tmp_path) -> None:
     tok = byte_tokenizer()
     text = "def f(x):\n    return 'héllo ☃'"

@@ -357,6 +357,18 @@ def _new_report(
     )
 
 
+def _warn_left_dense(dense: dict[str, dict[str, Any]]) -> None:
+    """Say which weight matrices stayed dense (the fused experts and router of a mixture-of-experts
+    model), so a low overall sparsity is not mistaken for a failed prune."""
+    if not dense:
+        return
+    by_reason: dict[str, int] = {}
+    for entry in dense.values():
+        by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + entry["matrices"]
+    summary = "; ".join(f"{count} matrices: {reason}" for reason, count in by_reason.items())
+    log.warning("weight matrices left dense (counted in the sparsity report): %s", summary)
+
+
 def prune(
     model: nn.Module,
     calibration: CalibrationData | torch.Tensor,
@@ -431,5 +443,6 @@ def prune(
         if block_callback is not None:
             block_callback(i, report)
     report.sparsity = sparsity_report(model)
+    _warn_left_dense(report.sparsity["dense"])
     report.elapsed_s = time.perf_counter() - started
     return report

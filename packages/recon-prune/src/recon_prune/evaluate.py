@@ -98,19 +98,65 @@ def heldout_ids(source: str, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(encode(tokenizer, source_text(source, "test")), dtype=torch.long)
 
 
+# Why a weight matrix of a block is left dense, by kind (docs/recon-prune.md, Limits: mixture-of-experts).
+FUSED_EXPERTS_LEFT_DENSE = "fused expert parameter: not pruned by this version"
+ROUTER_LEFT_DENSE = "router: kept dense"
+OTHER_MATRIX_LEFT_DENSE = "not an nn.Linear/Conv1D weight: not pruned by this version"
+
+
+def _why_left_dense(owner: nn.Module, parameter: nn.Parameter) -> str:
+    """The reason a block parameter of two or more dimensions is not pruned. transformers 5 stores a
+    mixture-of-experts layer's experts as fused 3-d parameters (``experts.gate_up_proj`` of shape
+    ``(experts, out, in)``) and its router as a bare 2-d parameter (``gate.weight``, a ``*Router``
+    module), neither an ``nn.Linear``; the router is meant to stay dense (issue 12)."""
+    if parameter.dim() >= 3:
+        return FUSED_EXPERTS_LEFT_DENSE
+    if "router" in type(owner).__name__.lower():
+        return ROUTER_LEFT_DENSE
+    return OTHER_MATRIX_LEFT_DENSE
+
+
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
-    """Fraction of exactly-zero weights in every prunable linear layer of the decoder blocks."""
+    """Fraction of exactly-zero entries over every weight matrix of the decoder blocks.
+
+    Every block parameter of two or more dimensions counts, a fused ``(experts, out, in)`` expert
+    tensor as its experts' matrices, so a mixture-of-experts model whose experts stay dense is not
+    reported as pruned. ``layers`` holds the pruned (``nn.Linear``/``Conv1D``) layers; ``dense`` names
+    every other matrix with its reason, matrix count and sparsity. On a model made only of linear
+    layers ``dense`` is empty and the numbers are those of the linear layers alone."""
     path, blocks = find_decoder_blocks(model)
     layers: dict[str, float] = {}
+    dense: dict[str, dict[str, Any]] = {}
     zeros = total = 0
     for i, block in enumerate(blocks):
-        for name, module in find_linears(block).items():
+        linears = find_linears(block)
+        pruned_weights = {id(module.weight) for module in linears.values()}
+        for name, module in linears.items():
             weight = module.weight.detach()
             layer_zeros = int((weight == 0).sum())
             layers[f"{path}.{i}.{name}"] = layer_zeros / weight.numel()
             zeros += layer_zeros
             total += weight.numel()
-    return {"overall": zeros / total if total else 0.0, "zeros": zeros, "total": total, "layers": layers}
+        for owner_name, owner in block.named_modules():
+            for param_name, parameter in owner.named_parameters(recurse=False):
+                if parameter.dim() < 2 or id(parameter) in pruned_weights:
+                    continue  # biases and norms are not weight matrices; linear weights are counted above
+                matrix_zeros = int((parameter.detach() == 0).sum())
+                full_name = ".".join(part for part in (path, str(i), owner_name, param_name) if part)
+                dense[full_name] = {
+                    "reason": _why_left_dense(owner, parameter),
+                    "matrices": math.prod(parameter.shape[:-2]),
+                    "sparsity": matrix_zeros / parameter.numel(),
+                }
+                zeros += matrix_zeros
+                total += parameter.numel()
+    return {
+        "overall": zeros / total if total else 0.0,
+        "zeros": zeros,
+        "total": total,
+        "layers": layers,
+        "dense": dense,
+    }
 
 
 def zero_shot(model: nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int = 8) -> dict[str, Any]:
