@@ -215,3 +215,52 @@ def test_bad_arguments():
         hs.HessianOperator(_model(), _loss, [])
     with pytest.raises(ValueError, match=r"num_probes must be >= 1"):
         hs.hutchinson_trace(op.matvec, op.dim, num_probes=0)
+
+
+def _diagonal(values: torch.Tensor):
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return values * v
+
+    return matvec
+
+
+@pytest.mark.parametrize("scale", [1e-11, 1.0, 1e6])
+def test_lanczos_breakdown_test_is_relative_to_the_operators_scale(scale):
+    """A diagonal operator's spectrum only scaled: Lanczos must take the same number of steps and
+    find the same top eigenvalue, relative to the scale (an absolute test stopped after one step at 1e-11)."""
+    values = torch.linspace(0.1, 1.0, 40, dtype=torch.float64) * scale
+    alphas, _, _ = hs.lanczos(_diagonal(values), 40, 25, dtype=torch.float64, device="cpu")
+    assert len(alphas) == 25
+    top = hs.top_eigenvalue_lanczos(_diagonal(values), 40, steps=25, dtype=torch.float64, device="cpu")
+    assert float(top[0]) == pytest.approx(scale, rel=1e-6)  # was 0.47 * scale at 1e-11
+
+
+def test_lanczos_still_stops_on_an_invariant_subspace():
+    values = torch.tensor([2.0, 2.0, 2.0, 5.0, 5.0], dtype=torch.float64) * 1e-11
+    alphas, _, _ = hs.lanczos(_diagonal(values), 5, 5, dtype=torch.float64, device="cpu")
+    assert len(alphas) == 2  # two distinct eigenvalues: the Krylov space has dimension 2
+    top = hs.top_eigenvalue_lanczos(_diagonal(values), 5, steps=5, k=2, dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(top, torch.tensor([5e-11, 2e-11], dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_power_iteration_reports_no_convergence_for_eigenvalues_plus_minus_one():
+    values = torch.tensor([1.0, -1.0, 0.5, 0.1], dtype=torch.float64)
+    with pytest.warns(hs.ConvergenceWarning, match=r"power iteration did not converge"):
+        result = hs.power_iteration(_diagonal(values), 4, iters=50, dtype=torch.float64, device="cpu")
+    value, _ = result  # still unpacks as (eigenvalue, vector)
+    assert not result.converged and result.iterations == 50
+    assert abs(value) < 1.0  # the Rayleigh quotient of a mix of +1 and -1: no eigenvalue at all
+
+
+@pytest.mark.parametrize("scale", [1e-11, 1.0])
+def test_power_iteration_converges_and_says_so(scale):
+    values = torch.tensor([1.0, 0.5, -0.3, 0.1], dtype=torch.float64) * scale
+    result = hs.power_iteration(_diagonal(values), 4, iters=500, tol=1e-12, dtype=torch.float64, device="cpu")
+    assert result.converged and result.iterations < 500
+    assert result.eigenvalue == pytest.approx(scale, rel=1e-10)
+
+
+def test_top_eigenvalue_lanczos_warns_when_ritz_values_have_not_converged():
+    values = torch.linspace(0.0, 1.0, 400, dtype=torch.float64)
+    with pytest.warns(hs.ConvergenceWarning, match=r"Lanczos"):
+        hs.top_eigenvalue_lanczos(_diagonal(values), 400, steps=3, dtype=torch.float64, device="cpu")

@@ -267,9 +267,10 @@ def test_analyze_attaches_to_the_train_run_and_reports_a_finished_analysis(finis
     assert {"analysis.json", "spectral_density.png"} <= set(manifest["files"])
     record = load_json(run_dir / "analysis.json")
     assert record["package"]["name"] == "sam-overparam"
-    # stability is computed at the trained run's lr and rho, read from what train wrote
+    # stability is computed at the lr of the trained run's last epoch and its rho, read from what train wrote
     trained = load_json(run_dir / "results.json")["config"]
-    assert record["metrics"]["stability_lr"] == trained["lr"]
+    assert record["metrics"]["stability_lr"] == train_lib.final_lr(TrainConfig(**trained))
+    assert record["metrics"]["initial_lr"] == trained["lr"]
     assert record["metrics"]["stability_rho"] == trained["rho"]
     capsys.readouterr()
 

@@ -2,14 +2,16 @@
 
 :func:`hessian_analysis` computes, on a model and its training data: the top Hessian eigenvalues
 (Lanczos), ``tr(H^k)`` for k = 1..4 (Hutchinson), the moment non-uniformity ``E_B[H_B^k]`` vs
-``H^k``, the SGD and SAM linear-stability values at the run's lr and rho, and the SLQ spectral
-density. :func:`analyze_run` does it for a finished ``train`` run directory: attached to that run
+``H^k``, the SGD and SAM linear-stability values at the lr of the run's last epoch and its rho
+(taken as USAM's unnormalised rho, see ``stability_rho_note``), with a verdict that keeps the
+sharpness condition apart from negative curvature, and the SLQ spectral density. :func:`analyze_run` does it for a finished ``train`` run directory: attached to that run
 (``analysis.json`` and ``spectral_density.png`` join its manifest; its own ``results.json`` is the
 training record) or into a separate output directory (``results.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from sam_overparam.data import Split, batches
 from sam_overparam.plots import plot_density
 from sam_overparam.registries import model_inputs
 from sam_overparam.runs import MODEL_NAME, Outcome, finished_results, finished_train_run, load_model_weights
-from sam_overparam.train import TOOL, build_model, load_split, loss_fn_for
+from sam_overparam.train import TOOL, build_model, final_lr, load_split, loss_fn_for
 from shin_common import (
     CorruptFileError,
     RunDirectory,
@@ -41,6 +43,22 @@ __all__ = ["ANALYSIS_NAME", "DENSITY_PLOT_NAME", "analyze_run", "hessian_analysi
 # the record of an analysis attached to a train run, whose results.json is the training record
 ANALYSIS_NAME = "analysis.json"
 DENSITY_PLOT_NAME = "spectral_density.png"
+
+
+RHO_CONVENTION = "unnormalized (USAM): e = rho * grad f_B, J_B = H_B + rho H_B^2 (Shin et al., Sec. 5)"
+
+
+def _rho_note(config: TrainConfig) -> str:
+    """How the run's rho relates to the operator's (unnormalised) rho."""
+    if config.optimizer == "sgd":
+        return "the run used SGD; rho=0 is its condition"
+    if config.unnormalized or config.optimizer == "usam":
+        return "the run used USAM: its rho is the operator's rho"
+    return (
+        "the run used normalised SAM (e = rho g / ||g||); its rho is plugged in as the unnormalised rho of "
+        "the theory, which analyses USAM only. Near a minimum ||g|| is small, so normalised SAM's "
+        "effective radius rho / ||g|| is larger and this operator understates its perturbation"
+    )
 
 
 def load_trained_model(run_path: Path, config: TrainConfig, split: Split | None = None) -> nn.Module:
@@ -75,9 +93,11 @@ def hessian_analysis(
     moments = hessian.moment_nonuniformity(
         operator, (2, 3, 4), num_probes=settings.probes, lanczos_steps=steps, seed=seed
     )
-    # SGD's condition (rho = 0) and the run's own rho
+    # SGD's condition (rho = 0) and the run's own rho, at the lr the run ended with: the minimum
+    # was reached under the decayed lr, not the initial one
+    lr = final_lr(config)
     stability = {
-        f"rho={rho:g}": hessian.linear_stability(operator, lr=config.lr, rho=rho, steps=steps, seed=seed)
+        f"rho={rho:g}": hessian.stability_report(operator, lr=lr, rho=rho, steps=steps, seed=seed)
         for rho in sorted({0.0, config.rho})
     }
     density = hessian.spectral_density(
@@ -91,9 +111,13 @@ def hessian_analysis(
         "moments": [
             {"power": m.power, "trace_ratio": m.trace_ratio, "top_ratio": m.top_ratio, **m.__dict__} for m in moments
         ],
-        "stability_lambda_max": stability,
-        "stability_lr": config.lr,
+        "stability_lambda_max": {name: report.lambda_max for name, report in stability.items()},
+        "stability": {name: dataclasses.asdict(report) for name, report in stability.items()},
+        "stability_lr": lr,
+        "initial_lr": config.lr,
         "stability_rho": config.rho,
+        "stability_rho_convention": RHO_CONVENTION,
+        "stability_rho_note": _rho_note(config),
         "spectral_density": {
             "nodes": [n.tolist() for n in density.nodes],
             "weights": [w.tolist() for w in density.weights],

@@ -128,8 +128,14 @@ def _analyze_command(args: argparse.Namespace) -> int:
     print(f"lambda_max {metrics['top_eigenvalues'][0]:.4g}, tr(H) {trace['value']:.4g} +- {trace['stderr']:.2g}")
     for m in metrics["moments"]:
         print(f"  k={m['power']}: tr E[H_B^k] / tr H^k = {m['trace_ratio']:.3f}, top ratio {m['top_ratio']:.3f}")
+    print(f"  stability at the final lr {metrics['stability_lr']:g}, rho {metrics['stability_rho_convention']}")
     for name, value in metrics["stability_lambda_max"].items():
-        print(f"  lambda_max E[(I - lr J_B)^2] at {name}: {value:.4f} ({'stable' if value <= 1 else 'unstable'})")
+        verdict = metrics.get("stability", {}).get(name, {}).get("verdict")
+        if verdict is None:  # an analysis recorded before the verdict existed
+            verdict = "stable" if value <= 1 else "unstable"
+        print(f"  lambda_max E[(I - lr J_B)^2] at {name}: {value:.4f}: {verdict}")
+    if "stability_rho_note" in metrics:
+        print(f"  note: {metrics['stability_rho_note']}")
     print(f"-> {outcome.path}{_reported(outcome, 'analysis')}")
     return 0
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,17 +49,38 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 __all__ = [
+    "ConvergenceWarning",
+    "Eigenpair",
     "HessianOperator",
     "SpectralDensity",
+    "StabilityReport",
     "hutchinson_trace",
     "lanczos",
     "linear_stability",
     "moment_nonuniformity",
     "power_iteration",
     "spectral_density",
+    "stability_report",
     "top_eigenvalue_lanczos",
     "trace_of_powers",
 ]
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An eigensolver ran out of iterations before its estimate met its tolerance."""
+
+
+class Eigenpair(tuple):
+    """``(eigenvalue, vector)`` -- unpacks as that pair -- with ``converged`` and ``iterations``."""
+
+    eigenvalue = property(lambda self: self[0])
+    vector = property(lambda self: self[1])
+
+    def __new__(cls, eigenvalue: float, vector: torch.Tensor, *, converged: bool, iterations: int) -> Eigenpair:
+        pair = super().__new__(cls, (eigenvalue, vector))
+        pair.converged = converged
+        pair.iterations = iterations
+        return pair
 
 
 def _batch_size(batch: Any) -> int:
@@ -183,12 +205,18 @@ def power_iteration(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> tuple[float, torch.Tensor]:
+) -> Eigenpair:
     """Eigenvalue of largest *magnitude* and its unit eigenvector by power iteration.
 
-    Stops when the Rayleigh quotient changes by less than ``tol`` relative. For a Hessian with a
-    large negative eigenvalue this returns that one; use :func:`top_eigenvalue_lanczos` for the
-    largest algebraic eigenvalue. (Default: iters=100, tol=1e-6, dtype and device the operator's)
+    Converged, and stopped, when the Rayleigh quotient ``theta = v^T A v`` changes by at most
+    ``tol`` relative *and* the residual ``||A v - theta v||`` is at most ``sqrt(tol) ||A v||``
+    (the eigenvalue error is about the squared residual, so both ask for the same accuracy). The
+    residual test is what catches two eigenvalues of equal magnitude and opposite sign (+1 and -1),
+    where the Rayleigh quotient stands still at a value that is no eigenvalue. Returns an
+    :class:`Eigenpair` whose ``converged`` says whether the tolerance was met within ``iters``;
+    a :class:`ConvergenceWarning` is issued when it was not. For a Hessian with a large negative
+    eigenvalue this returns that one; use :func:`top_eigenvalue_lanczos` for the largest algebraic
+    eigenvalue. (Default: iters=100, tol=1e-6, dtype and device the operator's)
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -200,14 +228,20 @@ def power_iteration(
         w = matvec(v).to(v)
         new = float(torch.dot(v, w))
         norm = w.norm()
-        if norm == 0:
-            return 0.0, v
-        v = w / norm
-        if step > 0 and abs(new - eigenvalue) <= tol * (abs(eigenvalue) + 1e-30):
-            eigenvalue = new
-            break
-        eigenvalue = new
-    return eigenvalue, v
+        if norm == 0:  # v is in the null space: 0 is an exact eigenvalue
+            return Eigenpair(0.0, v, converged=True, iterations=step + 1)
+        residual = float((w - new * v).norm())
+        settled = step > 0 and abs(new - eigenvalue) <= tol * abs(new)
+        eigenvalue, v = new, w / norm
+        if settled and residual <= math.sqrt(tol) * float(norm):
+            return Eigenpair(eigenvalue, v, converged=True, iterations=step + 1)
+    warnings.warn(
+        f"power iteration did not converge in {iters} iterations (last Rayleigh quotient {eigenvalue:.6g}); "
+        "eigenvalues of nearly equal magnitude, e.g. of opposite sign, make it stall: use top_eigenvalue_lanczos",
+        ConvergenceWarning,
+        stacklevel=2,
+    )
+    return Eigenpair(eigenvalue, v, converged=False, iterations=iters)
 
 
 def lanczos(
@@ -223,9 +257,28 @@ def lanczos(
     """``steps`` Lanczos iterations with full reorthogonalisation (Golub & Van Loan Alg. 10.1.1).
 
     Returns ``(alphas, betas, Q)``: the diagonal and off-diagonal of the tridiagonal ``T`` and the
-    orthonormal basis (columns). Stops early, with a smaller ``T``, on an invariant subspace.
+    orthonormal basis (columns). Stops early, with a smaller ``T``, on an invariant subspace: when
+    the new residual ``beta`` is below ``1e-10`` times the operator's scale, the largest
+    ``||A q_j||`` seen so far (a lower bound of ``||A||``). The test is relative so that an
+    operator of any scale -- a Hessian of 1e-11, say -- takes the same steps as its rescaled copy.
     (Default: dtype and device the operator's)
     """
+    alphas, betas, basis, _ = _lanczos(matvec, dim, steps, seed=seed, start=start, dtype=dtype, device=device)
+    return alphas, betas, basis
+
+
+def _lanczos(
+    matvec: Matvec,
+    dim: int,
+    steps: int,
+    *,
+    seed: int,
+    start: torch.Tensor | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """:func:`lanczos`, and the norm of the residual after the last step (0 on an invariant
+    subspace), which bounds the Ritz residuals: ``||A x_i - theta_i x_i|| = beta_m |y_i[m]|``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     steps = min(steps, dim)
@@ -235,18 +288,22 @@ def lanczos(
     basis = [q]
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
+    scale = 0.0  # max_j ||A q_j|| <= ||A||
     for j in range(steps):
         w = matvec(basis[j]).to(dtype)
+        scale = max(scale, float(w.norm()))
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)
         Q = torch.stack(basis, dim=1)
         for _ in range(2):  # twice is enough (Kahan's "twice is enough")
             w = w - Q @ (Q.T @ w)
-        if j == steps - 1:
-            break
         beta = w.norm()
-        if beta <= 1e-10 * max(1.0, float(alpha.abs())):
+        if float(beta) <= 1e-10 * scale:
             log.debug("Lanczos found an invariant subspace after %d steps", j + 1)
+            final_residual = 0.0
+            break
+        final_residual = float(beta)
+        if j == steps - 1:
             break
         betas.append(beta)
         basis.append(w / beta)
@@ -254,6 +311,7 @@ def lanczos(
         torch.stack(alphas),
         (torch.stack(betas) if betas else torch.zeros(0, dtype=dtype, device=device)),
         torch.stack(basis, dim=1),
+        final_residual,
     )
 
 
@@ -271,16 +329,30 @@ def top_eigenvalue_lanczos(
     steps: int = 30,
     k: int = 1,
     seed: int = 0,
+    tol: float = 1e-3,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The ``k`` largest (algebraic) Ritz values after ``steps`` Lanczos iterations, descending.
 
-    (Default: dtype and device the operator's)
+    Issues a :class:`ConvergenceWarning` when a returned Ritz value's residual ``||A x - theta x||``
+    (``beta_m |y_m|``, Golub & Van Loan Sec. 10.1.4) exceeds ``tol`` times the largest Ritz
+    magnitude; the eigenvalue error is then up to about that residual (more steps help).
+    (Default: tol=1e-3, dtype and device the operator's)
     """
     dtype, device = _vector_options(matvec, dim, dtype, device)
-    alphas, betas, _ = lanczos(matvec, dim, steps, seed=seed, dtype=dtype, device=device)
-    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas).double())
+    alphas, betas, _, final_residual = _lanczos(matvec, dim, steps, seed=seed, start=None, dtype=dtype, device=device)
+    ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas).double())
+    if final_residual:
+        top_residuals = (final_residual * vectors[-1].abs()).flip(0)[:k]
+        bound = tol * float(ritz.abs().max())
+        if bool((top_residuals > bound).any()):
+            warnings.warn(
+                f"Lanczos top Ritz values not converged after {len(alphas)} steps: residual "
+                f"{float(top_residuals.max()):.3g} > tol * |lambda|max = {bound:.3g}; use more steps",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
     return ritz.flip(0)[:k].to(dtype)
 
 
@@ -494,3 +566,93 @@ def linear_stability(
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho}")
     return float(top_eigenvalue_lanczos(stability_matvec(operator, lr, rho), operator.dim, steps=steps, seed=seed)[0])
+
+
+# a Ritz value this close above 1 is the edge of stability in floating point, not past it
+_EDGE_TOLERANCE = 1e-9
+
+
+@dataclass(kw_only=True)
+class StabilityReport:
+    """The mean-square stability of (U)SAM at a point, with sharpness and negative curvature apart.
+
+    ``E_B[(I - lr J_B)^2]`` exceeds 1 in a direction ``v`` for two different reasons: the step is
+    too long for the curvature (``lr * v^T J v > 2``, the sharpness condition of the theory) or the
+    curvature is negative (``v^T J v < 0``, any ``lr`` gives ``(1 - lr * j)^2 > 1``): the point is
+    a saddle there, not the minimum that Shin et al.'s linearisation assumes. Each top Ritz
+    direction of the operator is classified by the sign of ``v^T E_B[J_B] v``.
+    """
+
+    lr: float
+    rho: float
+    lambda_max: float  # of E_B[(I - lr J_B)^2] over all directions
+    sharpness_lambda_max: float | None  # over directions of positive curvature (None: none found)
+    sharpness_stable: bool
+    negative_curvature: bool  # some direction with v^T E_B[J_B] v < 0 has a value > 1
+    negative_curvature_lambda_max: float | None
+    verdict: str
+
+
+def _expected_jacobian_matvec(operator: HessianOperator, rho: float) -> Matvec:
+    """``v -> E_B[J_B] v = H v + rho E_B[H_B^2] v``."""
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        jv = operator.matvec(v)
+        return jv + rho * operator.expected_matvec(v, 2) if rho else jv
+
+    return matvec
+
+
+def stability_report(
+    operator: HessianOperator, *, lr: float, rho: float = 0.0, steps: int = 30, seed: int = 0
+) -> StabilityReport:
+    """:func:`linear_stability` with a verdict that tells sharpness from negative curvature.
+
+    ``rho`` is the *unnormalised* radius of USAM (``e = rho * grad f_B``), the convention of the
+    theory (Shin et al., Sec. 5); ``rho = 0`` is SGD's condition. Lanczos gives the operator's top
+    Ritz pairs; walking them from the top, each direction's curvature ``v^T E_B[J_B] v`` decides
+    whether it counts for the sharpness condition or as negative curvature.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    matvec = stability_matvec(operator, lr, rho)
+    alphas, betas, basis, _ = _lanczos(
+        matvec, operator.dim, steps, seed=seed, start=None, dtype=operator.dtype, device=operator.device
+    )
+    ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas).double())
+    curvature = _expected_jacobian_matvec(operator, rho)
+    sharpness: float | None = None
+    negative: float | None = None
+    for index in range(len(ritz) - 1, -1, -1):  # from the top
+        value = float(ritz[index])
+        if sharpness is not None and (negative is not None or value <= 1 + _EDGE_TOLERANCE):
+            break
+        direction = (basis.double() @ vectors[:, index]).to(operator.dtype)
+        if float(torch.dot(direction, curvature(direction).to(direction))) >= 0:
+            sharpness = value if sharpness is None else sharpness
+        elif negative is None and value > 1 + _EDGE_TOLERANCE:
+            negative = value
+    sharpness_stable = sharpness is None or sharpness <= 1 + _EDGE_TOLERANCE
+    shown = "none" if sharpness is None else f"{sharpness:.6g}"
+    verdict = (
+        f"stable (sharpness: lambda_max = {shown} <= 1)"
+        if sharpness_stable
+        else f"unstable: too sharp for lr={lr:g} (lambda_max = {shown} > 1 along positive curvature)"
+    )
+    if negative is not None:
+        verdict += (
+            f"; negative curvature: lambda = {negative:.6g} > 1 along v^T E[J_B] v < 0 "
+            "(a saddle direction, not a minimum: outside the linear theory)"
+        )
+    return StabilityReport(
+        lr=lr,
+        rho=rho,
+        lambda_max=float(ritz[-1]),
+        sharpness_lambda_max=sharpness,
+        sharpness_stable=sharpness_stable,
+        negative_curvature=negative is not None,
+        negative_curvature_lambda_max=negative,
+        verdict=verdict,
+    )

@@ -44,8 +44,10 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "evaluate",
+    "final_lr",
     "load_split",
     "loss_fn_for",
+    "milestone_epochs",
     "model_inputs",
     "run_sweep",
     "summarize",
@@ -123,6 +125,18 @@ def evaluate(model: nn.Module, config: TrainConfig, x: torch.Tensor, y: torch.Te
     return metrics
 
 
+def milestone_epochs(config: TrainConfig) -> list[int]:
+    """The epochs after which the step schedule multiplies the lr by ``gamma``."""
+    return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
+
+
+def final_lr(config: TrainConfig) -> float:
+    """The lr of the last training epoch under the step schedule (``MultiStepLR``: epoch ``e``
+    runs at ``lr * gamma^(number of milestones <= e)``)."""
+    decays = sum(1 for m in milestone_epochs(config) if m <= config.epochs - 1)
+    return config.lr * config.gamma**decays
+
+
 def _train_step(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> float:
     loss_fn = loss_fn_for(config)
 
@@ -168,8 +182,7 @@ def train(
     split = split if split is not None else load_split(config)
     model = build_model(config, split)
     optimizer = build_optimizer(config, model)
-    milestones = sorted({max(1, round(f * config.epochs)) for f in config.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestone_epochs(config), gamma=config.gamma)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     generator = torch.Generator().manual_seed(config.seed)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sam_overparam.optim.batchnorm import frozen_batchnorm_stats
 from sam_overparam.optim.distributed import found_inf_on_any_rank
 
 if TYPE_CHECKING:
@@ -26,9 +25,11 @@ __all__ = ["scaled_second_half"]
 
 
 def scaled_second_half(
-    sam: SAM, closure: Callable[[], torch.Tensor], loss: torch.Tensor, scaler: torch.amp.GradScaler
-) -> torch.Tensor:
-    """Perturb, run the perturbed pass and take the scaler's step; the clean pass has run. Returns ``loss``."""
+    sam: SAM, closure: Callable[[], torch.Tensor], loss: torch.Tensor | None, scaler: torch.amp.GradScaler
+) -> torch.Tensor | None:
+    """Perturb, run the perturbed pass and take the scaler's step; the clean pass has run. Returns
+    ``loss`` (the clean-pass loss), or the perturbed-pass loss where the caller ran the clean pass
+    and gave ``None``."""
     inv_scale = 1.0 / float(scaler.get_scale())
     grads = [p.grad for _, p in sam._params()]
     local_inf = not all(bool(torch.isfinite(g).all()) for g in grads)
@@ -42,12 +43,14 @@ def scaled_second_half(
         sam.zero_grad()
         return loss
     sam.first_step(zero_grad=True, grad_inv_scale=inv_scale)
-    with torch.enable_grad(), frozen_batchnorm_stats(sam.model):
-        closure()
+    with sam.perturbed_pass():
+        perturbed_loss = closure()
     # Unscale before restore(): with weight_decay_in_ascent, restore() adds wd * (w + e),
     # which must join unscaled gradients rather than be divided by the scale.
     scaler.unscale_(sam.base_optimizer)
     sam.restore()
     sam._descent_gradient_ready()
     scaler.step(sam.base_optimizer)
-    return loss
+    if loss is None and isinstance(perturbed_loss, torch.Tensor):
+        return perturbed_loss.detach()
+    return loss if loss is not None else perturbed_loss

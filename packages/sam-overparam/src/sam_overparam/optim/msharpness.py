@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sam_overparam.optim.batchnorm import frozen_batchnorm_stats
 from sam_overparam.optim.distributed import local_gradients
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ def chunked_step(
         with torch.enable_grad(), local_gradients(sam.model):
             clean_loss += weight * float(closure(chunk).detach())
         sam.first_step(zero_grad=True)
-        with torch.enable_grad(), frozen_batchnorm_stats(sam.model):
+        with sam.perturbed_pass():
             closure(chunk)
         sam.restore()
         with torch.no_grad():

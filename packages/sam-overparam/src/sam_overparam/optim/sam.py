@@ -27,7 +27,15 @@ Weight decay, following Shin et al.'s training details (and the authors' code), 
 weights, after any gradient clipping (exactly where ``torch.optim.SGD`` adds its own
 ``weight_decay``), and the ascent uses the plain loss gradient. ``weight_decay_in_ascent=True``
 instead behaves as if ``wd/2 ||w||^2`` were part of the loss (google-research/sam): both passes
-see it, the second at ``w + e``, and it is clipped with the loss gradient.
+see it, the second at ``w + e``, and it is clipped with the loss gradient. A base optimizer that
+*decouples* its decay from the gradient (``torch.optim.AdamW``, or any whose defaults say
+``decoupled_weight_decay=True``; Loshchilov & Hutter, ICLR 2019) gets ``weight_decay`` as its own
+decay instead, as davda54/sam passes it, so ``rho = 0`` is that optimizer exactly.
+
+Two ways to call :meth:`SAM.step`: with a closure that computes the loss and calls backward, which
+SAM runs twice (clean pass, then perturbed pass); or davda54/sam's form, ``loss.backward()`` first
+and then ``step(closure)``, where SAM finds gradients written since its last step, takes them as
+the clean pass and runs the closure once, as the perturbed pass.
 
 BatchNorm: only with ``model=`` does SAM know which modules to freeze in the perturbed pass.
 Without it (the default, since an optimizer only sees parameters) BatchNorm running statistics
@@ -49,7 +57,10 @@ helpers beside it: :mod:`~sam_overparam.optim.amp` (GradScaler), :mod:`~sam_over
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -60,6 +71,8 @@ from sam_overparam.optim.amp import scaled_second_half
 from sam_overparam.optim.batchnorm import frozen_batchnorm_stats
 from sam_overparam.optim.distributed import local_gradients
 from sam_overparam.optim.msharpness import chunked_step
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SAM"]
 
@@ -88,6 +101,16 @@ def _check_base_optimizer(base_optimizer: Any) -> None:
         )
 
 
+def _decouples_weight_decay(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` applies its ``weight_decay`` to the weights rather than to the gradient."""
+    return isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay", False))
+
+
+def _detached(loss: Any) -> Any:
+    # the graph is gone after backward; callers log the value
+    return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+
 def _check_number(name: str, value: Any, where: str = "") -> None:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}{where}")
@@ -111,7 +134,9 @@ class SAM(torch.optim.Optimizer):
         eps: added to the gradient norm. (Default: 1e-12, as in the authors' code)
         weight_decay: L2 coefficient handled by SAM. With ``weight_decay_in_ascent=False`` it is
             added at the unperturbed weights after clipping, so it is equivalent to the base
-            optimizer's own ``weight_decay`` (for SGD). (Default: 0)
+            optimizer's own ``weight_decay`` (for SGD, Adam). A decoupled base optimizer (AdamW)
+            receives it as its own ``weight_decay`` instead; not given, such a base keeps its
+            default (AdamW's 0.01). (Default: None, i.e. 0 for a coupled base)
         weight_decay_in_ascent: apply ``weight_decay`` in both passes as part of the loss instead
             of once at the unperturbed weights; it is then clipped with the loss gradient.
             (Default: False)
@@ -137,7 +162,7 @@ class SAM(torch.optim.Optimizer):
         adaptive_scope: str = "weights",
         unnormalized: bool = False,
         eps: float = 1e-12,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         weight_decay_in_ascent: bool = False,
         max_grad_norm: float | None = None,
         model: nn.Module | None = None,
@@ -145,7 +170,8 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         _check_base_optimizer(base_optimizer)
         for name, value in (("rho", rho), ("adaptive_eta", adaptive_eta), ("eps", eps), ("weight_decay", weight_decay)):
-            _check_number(name, value)
+            if value is not None:
+                _check_number(name, value)
         if adaptive_scope not in ADAPTIVE_SCOPES:
             raise ValueError(f"adaptive_scope must be one of {ADAPTIVE_SCOPES}, got {adaptive_scope!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -156,7 +182,7 @@ class SAM(torch.optim.Optimizer):
             adaptive_eta=adaptive_eta,
             adaptive_scope=adaptive_scope,
             unnormalized=unnormalized,
-            sam_weight_decay=weight_decay,
+            sam_weight_decay=weight_decay or 0.0,
             weight_decay_in_ascent=weight_decay_in_ascent,
         )
         super().__init__(params, defaults)
@@ -171,11 +197,45 @@ class SAM(torch.optim.Optimizer):
         )
         for group in self.param_groups:
             self._record_names(group)
+        # a group's own "weight_decay" is the base optimizer's; "sam_weight_decay" (or SAM's argument) is SAM's
+        decay_keys = [("weight_decay" in g, weight_decay is not None) for g in self.param_groups]
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of group dicts for both, so schedulers and clipping act on what the base uses.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self.decoupled_weight_decay = _decouples_weight_decay(self.base_optimizer)
+        if self.decoupled_weight_decay:
+            for group, (own, given) in zip(self.param_groups, decay_keys, strict=True):
+                self._hand_decay_to_base(group, own_decay=own, sam_decay_given=given)
+            if weight_decay is not None:  # groups added later get it the same way
+                self.defaults.update(weight_decay=weight_decay, sam_weight_decay=0.0)
         self._perturbed = False
+        # the gradients SAM's own last step left behind, to tell them from a user's clean pass
+        self._left_gradients: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
+
+    def _hand_decay_to_base(self, group: dict[str, Any], *, own_decay: bool, sam_decay_given: bool) -> None:
+        """Move SAM's decay of ``group`` to a decoupled base optimizer's ``weight_decay``.
+
+        davda54/sam passes ``weight_decay`` to the base optimizer, so ``AdamW`` decays decoupled
+        there too; adding it to the gradient as well would decay twice (L2 plus AdamW's default).
+        """
+        if not (group["sam_weight_decay"] or sam_decay_given):
+            return  # nothing of SAM's: the base optimizer keeps its own (default) decay
+        if group["weight_decay_in_ascent"] and group["sam_weight_decay"]:
+            raise ValueError(
+                "weight_decay_in_ascent=True makes the decay an L2 term of the loss, but the base optimizer "
+                f"{type(self.base_optimizer).__name__} decouples its weight decay from the gradient: use a "
+                "coupled base (SGD, Adam) for decay in the ascent, or drop weight_decay_in_ascent"
+            )
+        if own_decay:
+            if group["sam_weight_decay"]:
+                raise ValueError(
+                    f"a parameter group sets weight_decay={group['weight_decay']!r} for the decoupled base "
+                    f"optimizer and SAM has weight_decay={group['sam_weight_decay']!r}: give one, not both"
+                )
+            return
+        group["weight_decay"] = group["sam_weight_decay"]
+        group["sam_weight_decay"] = 0.0
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
@@ -265,12 +325,30 @@ class SAM(torch.optim.Optimizer):
             if group["weight_decay_in_ascent"] and group["sam_weight_decay"]:
                 # the loss term wd/2 ||w||^2 differentiated at the perturbed point
                 p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
+        self._copy_back_unperturbed()
+
+    @torch.no_grad()
+    def _copy_back_unperturbed(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 saved = self.state[p].pop("unperturbed", None)
                 if saved is not None:
                     p.copy_(saved)
         self._perturbed = False
+
+    @contextlib.contextmanager
+    def perturbed_pass(self) -> Iterator[None]:
+        """The block that runs the forward and backward at ``w + e``: BatchNorm running statistics
+        are frozen (with ``model=``), and if the block raises (an out-of-memory error, say) the
+        unperturbed weights are copied back before the exception leaves, so the model and the
+        optimizer stay usable (the partial gradients are left as they are)."""
+        try:
+            with torch.enable_grad(), frozen_batchnorm_stats(self.model):
+                yield
+        except BaseException:  # KeyboardInterrupt too: a resumed run must not start from w + e
+            if self._perturbed:
+                self._copy_back_unperturbed()
+            raise
 
     def _descent_gradient_ready(self) -> None:
         # Clip first, then decay: this is where torch.optim.SGD adds its own weight_decay (inside
@@ -298,34 +376,71 @@ class SAM(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         chunks: Sequence[Any] | None = None,
         chunk_weights: Sequence[float] | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """One SAM step. ``closure`` zeroes nothing, computes the loss on the batch, calls
         ``backward`` (``grad_scaler.scale(loss).backward()`` when a scaler is used) and returns the
-        loss; it runs twice. Returns the clean-pass loss. With a scaler, call
-        ``grad_scaler.update()`` afterwards as usual; a non-finite clean gradient skips the step.
-        With ``chunks`` the step is m-sharpness: see :meth:`step_chunked`.
+        loss. With a scaler, call ``grad_scaler.update()`` afterwards as usual; a non-finite clean
+        gradient skips the step. With ``chunks`` the step is m-sharpness: see :meth:`step_chunked`.
+
+        Two forms, told apart by the gradients present when ``step`` is called:
+
+        * ``optimizer.step(closure)`` alone: SAM zeroes the gradients and runs the closure twice,
+          at ``w`` (under ``model.no_sync()`` with a DDP ``model=``) and at ``w + e``. Returns the
+          clean-pass loss. Gradients left by SAM's own previous step, or zero-filled ones, do not
+          count as a clean pass.
+        * davda54/sam's ``loss.backward(); optimizer.step(closure)``: gradients written since SAM's
+          last step are the clean pass, and the closure runs once, at ``w + e`` (with ``model=``,
+          with BatchNorm statistics frozen, so they take one update per step, from the user's
+          clean pass). Returns the perturbed-pass loss (the clean one is the caller's). The clean
+          backward is the caller's, so under DDP it synchronises unless the caller wraps it in
+          ``model.no_sync()``. Call ``zero_grad()`` after the step, as davda54/sam's README does.
         """
         if closure is None:
             raise ValueError(
                 "SAM.step() needs a closure that computes the loss and calls backward(); it is run "
                 "twice (at w and at w + e). Without one, call first_step() and second_step() yourself."
             )
-        if chunks is not None:
-            if grad_scaler is not None:
-                raise ValueError("m-sharpness chunks with a GradScaler are not supported")
-            return chunked_step(self, closure, chunks, chunk_weights)
-        self.zero_grad()
-        with torch.enable_grad(), local_gradients(self.model):
-            loss = closure()
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()  # the graph is gone after backward; callers log the value
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            return scaled_second_half(self, closure, loss, grad_scaler)
-        self.first_step(zero_grad=True)
-        with torch.enable_grad(), frozen_batchnorm_stats(self.model):
-            closure()
-        self.second_step()
-        return loss
+        clean_pass_done = self._has_fresh_gradients()
+        try:
+            if chunks is not None:
+                if grad_scaler is not None:
+                    raise ValueError("m-sharpness chunks with a GradScaler are not supported")
+                if clean_pass_done:
+                    raise ValueError(
+                        "step_chunked() runs each chunk's clean pass itself, but gradients were computed before "
+                        "it; call zero_grad() before step_chunked()"
+                    )
+                return chunked_step(self, closure, chunks, chunk_weights)
+            loss = None
+            if clean_pass_done:
+                log.debug("SAM.step(closure) after backward(): the closure is the perturbed pass only")
+            else:
+                self.zero_grad()
+                with torch.enable_grad(), local_gradients(self.model):
+                    loss = _detached(closure())
+            if grad_scaler is not None and grad_scaler.is_enabled():
+                return scaled_second_half(self, closure, loss, grad_scaler)
+            self.first_step(zero_grad=True)
+            with self.perturbed_pass():
+                perturbed_loss = _detached(closure())
+            self.second_step()
+            return loss if loss is not None else perturbed_loss
+        finally:
+            self._remember_left_gradients()
+
+    def _has_fresh_gradients(self) -> bool:
+        """Whether a backward wrote gradients since SAM's last step (davda54/sam's form of ``step``):
+        a gradient that is not the very tensor, unmodified, that SAM's last step left, and is not
+        all zeros (``zero_grad(set_to_none=False)``)."""
+        for _, p in self._params():
+            left = self._left_gradients.get(p)
+            unchanged = left is not None and left[0]() is p.grad and left[1] == p.grad._version
+            if not unchanged and bool(p.grad.any()):
+                return True
+        return False
+
+    def _remember_left_gradients(self) -> None:
+        self._left_gradients = {p: (weakref.ref(p.grad), p.grad._version) for _, p in self._params()}
 
     def step_chunked(
         self, closure: Callable[[Any], torch.Tensor], chunks: Sequence[Any], weights: Sequence[float]
@@ -365,8 +480,11 @@ class SAM(torch.optim.Optimizer):
         if not hasattr(self, "base_optimizer"):
             super().add_param_group(param_group)
             return
+        own_decay, sam_decay_given = "weight_decay" in param_group, "sam_weight_decay" in param_group
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
         self._check_group(param_group)
+        if self.decoupled_weight_decay:
+            self._hand_decay_to_base(param_group, own_decay=own_decay, sam_decay_given=sam_decay_given)
         self.base_optimizer.add_param_group(param_group)
         self._record_names(self.param_groups[-1])
