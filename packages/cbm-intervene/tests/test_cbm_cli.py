@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,11 @@ TINY = [
     "train.concept_hidden=[8]",
     "train.max_epochs=3",
 ]
+
+
+# LCP reads the true concepts: the oracle must be asked for by name
+ORACLE_GRID = ["--criteria", "RAND", "LCP", "ECTP", "--allow-oracle", "--budgets", "2", "--target-error", "0.5"]
+ORACLE_GRID += ["--tau-f", "0.1"]
 
 
 def test_train_then_intervene(tmp_path, capsys):
@@ -49,10 +55,7 @@ def test_train_then_intervene(tmp_path, capsys):
     )
     out = tmp_path / "tti"
     argv = ["intervene", "--predictions", str(run / "predictions.pt"), "--output-dir", str(out), "--seeds", "0", "1"]
-    assert (
-        main([*argv, "--criteria", "RAND", "LCP", "ECTP", "--budgets", "2", "--target-error", "0.5", "--tau-f", "0.1"])
-        == 0
-    )
+    assert main([*argv, *ORACLE_GRID]) == 0
     result = json.loads((out / "results.json").read_text())
     assert set(result["curves"]) == {"I+S", "G+S", "I+B", "G+B"}
     curve = result["curves"]["I+S"]["RAND"]
@@ -64,10 +67,7 @@ def test_train_then_intervene(tmp_path, capsys):
     # a rerun reuses every finished cell from cells.jsonl (here: all 12) and gives the same curves
     cells = (out / "cells.jsonl").read_text().splitlines()
     assert len(cells) == 12
-    assert (
-        main([*argv, "--criteria", "RAND", "LCP", "ECTP", "--budgets", "2", "--target-error", "0.5", "--tau-f", "0.1"])
-        == 0
-    )
+    assert main([*argv, *ORACLE_GRID]) == 0
     assert (out / "cells.jsonl").read_text().splitlines() == cells
     assert json.loads((out / "results.json").read_text())["curves"] == result["curves"]
 
@@ -125,3 +125,59 @@ def test_file_sha256_is_the_digest_of_the_whole_file(tmp_path):
     content = bytes(range(256)) * 5000  # over one read block
     (tmp_path / "blob").write_bytes(content)
     assert file_sha256(tmp_path / "blob") == hashlib.sha256(content).hexdigest()
+
+
+def test_adaptive_skip_on_files_of_different_visibility_aligns_curves(tmp_path, predictions_factory, capsys):
+    """Adaptive ordering stops once nothing is left to ask; with --not-visible skip a file whose
+    concepts are partly not visible stops earlier. evaluate_grid holds such a run's last values (it
+    has nothing left to ask, so nothing changes) until the longest run ends, then averages."""
+    from dataclasses import replace
+
+    from cbm_intervene.data import ConceptPredictions
+    from cbm_intervene.intervention import InterventionConfig, run_intervention
+
+    spec = TargetModelSpec(n_concepts=6, n_classes=4)
+    torch.manual_seed(0)
+    target = spec.build()
+    seen = predictions_factory("prob", seed=0)
+    hidden = predictions_factory("prob", seed=1)
+    visibility = torch.ones(hidden.n_samples, hidden.n_concepts, dtype=torch.bool)
+    visibility[:, 5] = False  # concept 5 (group c) is never visible in the second file
+    hidden = ConceptPredictions(**{**hidden.__dict__, "visibility": visibility})
+    paths = [
+        save_predictions(tmp_path / name, predictions, target_model=target, target_spec=spec)
+        for name, predictions in (("seen.pt", seen), ("hidden.pt", hidden))
+    ]
+    out = tmp_path / "tti"
+    argv = ["intervene", "--predictions", *map(str, paths), "--output-dir", str(out), "--no-plot"]
+    argv += ["--ordering", "adaptive", "--not-visible", "skip", "--criteria", "UCP", "--levels", "I+S", "G+S"]
+    assert main(argv) == 0, capsys.readouterr().err
+    curves = json.loads((out / "results.json").read_text())["curves"]
+    for level, n_units in (("I+S", 6), ("G+S", 3)):
+        config = InterventionConfig(criterion="UCP", level=level, ordering="adaptive", not_visible="skip")
+        own = [run_intervention(p, target, replace(config)) for p in (seen, hidden)]
+        assert [len(run.error) for run in own] == [n_units + 1, n_units]  # the crash: different lengths
+        held = [np.concatenate([run.error, run.error[-1:].repeat(n_units + 1 - len(run.error))]) for run in own]
+        curve = curves[level]["UCP"]
+        np.testing.assert_allclose(curve["error_mean"], np.mean(held, axis=0), atol=1e-6)
+        assert len(curve["concepts_per_sample"]) == n_units + 1
+        assert curve["concepts_per_sample"][-1] == pytest.approx((6 + 5) / 2)
+
+
+def test_intervene_refuses_the_oracle_unless_asked_for(tmp_path, predictions_factory, capsys):
+    """--criteria LCP alone ends in one line naming the criterion and --allow-oracle, before any
+    directory is made; with --allow-oracle it runs; the default criteria leave LCP out without it."""
+    spec = TargetModelSpec(n_concepts=6, n_classes=4)
+    path = save_predictions(tmp_path / "p.pt", predictions_factory("prob"), target_model=spec.build(), target_spec=spec)
+    out = tmp_path / "tti"
+    argv = ["intervene", "--predictions", str(path), "--output-dir", str(out), "--no-plot", "--levels", "I+S"]
+    capsys.readouterr()
+    assert main([*argv, "--criteria", "UCP", "LCP"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "LCP" in err and "--allow-oracle" in err
+    assert not out.exists()
+    assert main([*argv, "--seeds", "0"]) == 0
+    default = json.loads((out / "results.json").read_text())["curves"]["I+S"]
+    assert set(default) == {"RAND", "UCP", "CCTP", "ECTP", "EUDTP"}
+    assert main([*argv, "--criteria", "UCP", "LCP", "--allow-oracle", "--overwrite"]) == 0
+    assert set(json.loads((out / "results.json").read_text())["curves"]["I+S"]) == {"UCP", "LCP"}

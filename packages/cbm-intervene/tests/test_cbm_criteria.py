@@ -39,6 +39,7 @@ def context(predictions, target, mode="soft", chunk_rows=65536, intervened=None)
         generator=torch.Generator().manual_seed(0),
         chunk_rows=chunk_rows,
         f_inputs=predictor.lookahead_inputs,
+        kind=predictions.kind,
     )
 
 
@@ -102,12 +103,17 @@ def test_cctp_matches_per_sample_jacobian(kind, hidden, predictions_factory, tar
     make_predictions, make_target = predictions_factory, target_factory
     predictions, target = make_predictions(kind), make_target(hidden=hidden)
     scores = score_concepts("CCTP", context(predictions, target))
+    logit_scores = score_concepts("CCTP_LOGIT", context(predictions, target))
     for s in range(predictions.n_samples):
         c = predictions.values[s]
         jac = torch.autograd.functional.jacobian(lambda x: target(x[None])[0], c)  # (M, K)
         for i in range(predictions.n_concepts):
-            expected = sum(abs(float(c[i]) * float(jac[j, i])) for j in range(jac.shape[0]))
+            # weighted by the concept's probability (the sigmoid of a logit), as the authors' tti.py does
+            q = float(c[i]) if kind == "prob" else 1 / (1 + math.exp(-float(c[i])))
+            expected = sum(abs(q * float(jac[j, i])) for j in range(jac.shape[0]))
             assert scores[s, i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+            literal = sum(abs(float(c[i]) * float(jac[j, i])) for j in range(jac.shape[0]))
+            assert logit_scores[s, i].item() == pytest.approx(literal, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["prob", "logit"])
@@ -131,9 +137,10 @@ def test_cctp_under_hard_is_taken_at_the_thresholded_bottleneck(kind, prediction
                     c[i] = ctx.high[i] if c[i] >= 0 else ctx.low[i]
         jac = torch.autograd.functional.jacobian(lambda x: target(x[None])[0], c)
         for i in range(predictions.n_concepts):
-            expected = sum(abs(float(c[i]) * float(jac[j, i])) for j in range(jac.shape[0]))
+            q = float(c[i]) if kind == "prob" else 1 / (1 + math.exp(-float(c[i])))
+            expected = sum(abs(q * float(jac[j, i])) for j in range(jac.shape[0]))
             assert scores[s, i].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-            expected_first = sum(abs(float(c[i]) * float(weight[h, i])) for h in range(weight.shape[0]))
+            expected_first = sum(abs(q * float(weight[h, i])) for h in range(weight.shape[0]))
             assert first_layer[s, i].item() == pytest.approx(expected_first, rel=1e-5, abs=1e-7)
     # SAMP has no single bottleneck: gradient and look-ahead criteria use the soft one
     low, high = replacement_values(predictions, "train")
@@ -242,3 +249,27 @@ def test_lookahead_combine_gets_one_row_per_pair(prob_predictions, target):
     ctx = context(prob_predictions, target)
     scores = lookahead_scores(ctx, lambda base, logp0, logp1, p: p)  # the pair's own p_i
     torch.testing.assert_close(scores, ctx.probs)
+
+
+def test_group_scores_of_ucp_and_lcp_average_squared_member_scores(prob_predictions, target):
+    """The authors' tti.py squares UCP's and LCP's per-concept scores before averaging a group's
+    members; ``group_score="mean_unsquared"`` averages them as they are. Other criteria: plain mean."""
+    from cbm_intervene.intervention import score_units
+
+    ctx = context(prob_predictions, target)
+    ctx.membership = prob_predictions.groups.membership()
+    candidates = torch.ones(prob_predictions.n_samples, prob_predictions.n_concepts, dtype=torch.bool)
+    candidates[::2, 2] = False  # a member that will not be asked does not count in its group's mean
+    ctx.candidates = candidates
+    members = [[0, 1], [2, 3, 4], [5]]
+    for name in ("UCP", "LCP", "ECTP"):
+        per_concept = score_concepts(name, ctx)
+        squared = name in ("UCP", "LCP")
+        for how in ("mean", "mean_unsquared"):
+            units = score_units(name, ctx, how)
+            for s in range(prob_predictions.n_samples):
+                for g, group in enumerate(members):
+                    kept = [per_concept[s, i].item() for i in group if candidates[s, i]]
+                    if how == "mean" and squared:
+                        kept = [v * v for v in kept]
+                    assert units[s, g].item() == pytest.approx(sum(kept) / len(kept), rel=1e-5), (name, how, s, g)

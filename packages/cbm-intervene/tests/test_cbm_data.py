@@ -396,7 +396,9 @@ def test_cub_fixture_through_the_engine(tmp_path):
             groups=data.groups,
             visibility=test["visibility"],
         )
-        curve = run_intervention(predictions, target, InterventionConfig(criterion="UCP", level="G+S"))
+        # nullify named explicitly: the default became keep (what the authors ran, issue 13)
+        config = InterventionConfig(criterion="UCP", level="G+S", not_visible="nullify")
+        curve = run_intervention(predictions, target, config)
         assert (curve.unit_counts[-1] == data.groups.n_groups).all()
         expected = torch.where(torch.as_tensor(test["visibility"]), torch.as_tensor(test[truth]), torch.zeros(()))
         torch.testing.assert_close(curve.final_values, expected)  # not visible -> nullified

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -67,18 +69,20 @@ def test_batch_level_ranks_all_pairs_together(prob_predictions, target):
 
 
 def test_group_score_mean_and_max_differ_as_defined(prob_predictions, target):
-    # sample 0 under LCP: group a = {0,1} has losses (0.95, 0): mean 0.475, max 0.95;
-    # group b = {2,3,4} has losses (0.6, 0.6, 0.6): mean 0.6, max 0.6; group c = {5}: 0
+    # sample 0 under LCP: group a = {0,1} has losses (0.95, 0): mean 0.475, max 0.95, mean of squares
+    # 0.45125; group b = {2,3,4} has losses (0.6, 0.6, 0.6): mean 0.6, max 0.6, mean of squares 0.36;
+    # group c = {5}: 0
     values, true = prob_predictions.values.clone(), prob_predictions.true_concepts.clone()
     values[0] = torch.tensor([0.95, 0.0, 0.6, 0.6, 0.6, 1.0])
     true[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
     predictions = ConceptPredictions(**{**prob_predictions.__dict__, "values": values, "true_concepts": true})
     chosen = {}
-    for how in ("mean", "max"):
-        config = InterventionConfig(criterion="LCP", level="G+S", group_score=how, max_steps=1)
+    for how in ("mean_unsquared", "max", "mean"):
+        config = InterventionConfig(criterion="LCP", level="G+S", group_score=how, max_steps=1, allow_oracle=True)
         chosen[how] = int(run_intervention(predictions, target, config).concept_counts[1][0])
     assert chosen["max"] == 2  # group a (2 concepts) by its worst member
-    assert chosen["mean"] == 3  # group b (3 concepts) by its mean
+    assert chosen["mean_unsquared"] == 3  # group b (3 concepts) by its mean
+    assert chosen["mean"] == 2  # the default squares LCP's losses first (the authors' tti.py): group a
 
 
 def test_full_intervention_reaches_error_of_f_on_true_concepts(prob_predictions, target):
@@ -116,10 +120,10 @@ def test_class_level_concepts_drive_error_to_zero():
     noisy = (true + 0.45 * torch.randn(true.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     predictions = ConceptPredictions(values=noisy, kind="prob", true_concepts=true, labels=labels, n_classes=4)
     for criterion in ("RAND", "UCP", "LCP", "CCTP", "ECTP", "EUDTP"):
-        curve = run_intervention(predictions, target, InterventionConfig(criterion=criterion))
+        curve = run_intervention(predictions, target, InterventionConfig(criterion=criterion, allow_oracle=True))
         assert curve.error[0] > 0
         assert curve.error[-1] == 0.0
-    lcp = run_intervention(predictions, target, InterventionConfig(criterion="LCP"))
+    lcp = run_intervention(predictions, target, InterventionConfig(criterion="LCP", allow_oracle=True))
     rand = run_intervention(predictions, target, InterventionConfig(criterion="RAND"))
     assert lcp.error[1] <= rand.error[1]
 
@@ -384,7 +388,7 @@ def test_group_mean_counts_only_members_that_can_be_asked(prob_predictions, targ
     predictions = ConceptPredictions(
         **{**prob_predictions.__dict__, "values": values, "true_concepts": true, "visibility": visibility}
     )
-    config = InterventionConfig(criterion="LCP", level="G+S", not_visible="skip", max_steps=1)
+    config = InterventionConfig(criterion="LCP", level="G+S", not_visible="skip", max_steps=1, allow_oracle=True)
     curve = run_intervention(predictions, target, config)
     assert int(curve.concept_counts[1][0]) == 2
     # a mean over all of b's members (1/3 > 0.3) would pick b instead: a stays at 0.3 and the count is 2 too
@@ -410,3 +414,42 @@ def test_target_model_returning_a_tuple_is_named(prob_predictions):
 
     with pytest.raises(ValueError, match=r"target model maps \(2, 6\) inputs to a tuple, expected a tensor of shape"):
         run_intervention(prob_predictions, LogitsAndInputs(), InterventionConfig())
+
+
+def test_criteria_reading_true_concepts_need_the_oracle_switch(prob_predictions, target):
+    """LCP (and any criterion declared needs_true_concepts) reads the labels the expert is asked
+    for: an oracle reference, refused unless allow_oracle=True asks for it by name."""
+    from cbm_intervene.intervention import CRITERIA, register_criterion
+
+    with pytest.raises(ValueError, match=r"criterion 'LCP' reads the true concepts .*allow_oracle=True"):
+        InterventionConfig(criterion="LCP")
+    with pytest.raises(ValueError, match="criterion 'LCP' reads the true concepts"):
+        replace(InterventionConfig(criterion="UCP"), criterion="lcp")  # as evaluate_grid builds its cells
+    curve = run_intervention(prob_predictions, target, InterventionConfig(criterion="LCP", allow_oracle=True))
+    assert curve.error[-1] <= curve.error[0]
+
+    @register_criterion("TEST_PEEKS", needs_true_concepts=True)
+    def peeks(ctx):
+        return ctx.true_concepts
+
+    try:
+        with pytest.raises(ValueError, match="criterion 'TEST_PEEKS' reads the true concepts"):
+            InterventionConfig(criterion="test_peeks")
+        InterventionConfig(criterion="test_peeks", allow_oracle=True)
+    finally:
+        CRITERIA.pop("TEST_PEEKS")
+
+
+def test_not_visible_default_keeps_predictions_as_the_authors_ran(prob_predictions, target):
+    """Every command of the authors' README passes -no_intervention_when_invisible: a revealed
+    concept the expert cannot see keeps its prediction. Nullifying it is the opt-in pitfall."""
+    from cbm_intervene.config import InterveneRunConfig
+
+    assert InterventionConfig().not_visible == "keep"
+    assert InterveneRunConfig(predictions=["p.pt"]).not_visible == "keep"
+    visibility = torch.ones_like(prob_predictions.values, dtype=torch.bool)
+    visibility[:, 0] = False
+    predictions = ConceptPredictions(**{**prob_predictions.__dict__, "visibility": visibility})
+    curve = run_intervention(predictions, target, InterventionConfig(criterion="UCP"))
+    torch.testing.assert_close(curve.final_values[:, 0], prob_predictions.values[:, 0])
+    torch.testing.assert_close(curve.final_values[:, 1:], prob_predictions.true_concepts[:, 1:])

@@ -279,12 +279,33 @@ def test_finished_run_is_reported_and_overwrite_replaces_only_its_own_files(tmp_
     assert "joint_model.pt" not in json.dumps(json.loads((run / MANIFEST).read_text())["files"])
 
 
+# The command line, except that training waits after writing its first progress file: Ctrl-C then
+# always arrives mid-training, however fast the remaining epochs would run or however late the
+# signal is sent (without the wait, a loaded machine could let training finish first).
+WAIT_AFTER_FIRST_PROGRESS = """
+import sys, time
+import cbm_intervene.models as models
+from cbm_intervene.cli import main
+
+save = models.save_torch_atomic
+
+def save_then_wait(obj, path, *args, **kwargs):
+    written = save(obj, path, *args, **kwargs)
+    if str(path).endswith(models.PROGRESS_SUFFIX):
+        time.sleep(120)
+    return written
+
+models.save_torch_atomic = save_then_wait
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_ends_train_in_one_line_and_a_rerun_resumes(tmp_path):
     run = tmp_path / "run"
     argv = train_argv(run, "JNT", "--set", "train.max_epochs=300", "--set", "train.patience=300")
     env = {**os.environ, "SHIN_LOG_LEVEL": "WARNING"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cbm_intervene", *argv],
+        [sys.executable, "-c", WAIT_AFTER_FIRST_PROGRESS, *argv],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

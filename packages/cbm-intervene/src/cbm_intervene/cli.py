@@ -54,7 +54,13 @@ def _add_intervene_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--criteria",
         nargs="+",
-        help=f"criteria to evaluate (default: {' '.join(PAPER_CRITERIA)}; registered: {available_criteria()})",
+        help=f"criteria to evaluate (default: {' '.join(PAPER_CRITERIA)}, LCP only with --allow-oracle; "
+        f"registered: {available_criteria()})",
+    )
+    p.add_argument(
+        "--allow-oracle",
+        action="store_true",
+        help="run criteria that read the true concepts (LCP): an oracle reference, not a practical criterion",
     )
     # choices are matched case-insensitively, as InterventionConfig matches them
     p.add_argument(
@@ -64,7 +70,11 @@ def _add_intervene_flags(p: argparse.ArgumentParser) -> None:
         "--ordering", type=str.lower, choices=ORDERINGS, help="static (paper) or adaptive re-scoring (default: static)"
     )
     p.add_argument(
-        "--group-score", type=str.lower, choices=GROUP_SCORES, help="a group's score from its members' (default: mean)"
+        "--group-score",
+        type=str.lower,
+        choices=GROUP_SCORES,
+        help="a group's score from its members': mean (of squared UCP/LCP scores, as the authors' code), "
+        "mean_unsquared or max (default: mean)",
     )
     p.add_argument(
         "--conceptualization",
@@ -74,7 +84,10 @@ def _add_intervene_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-samples", type=int, help="Bernoulli samples for --conceptualization samp (default: 16)")
     p.add_argument(
-        "--not-visible", type=str.lower, choices=NOT_VISIBLE, help="revealed not-visible concepts (default: nullify)"
+        "--not-visible",
+        type=str.lower,
+        choices=NOT_VISIBLE,
+        help="revealed not-visible concepts: keep (as the authors ran), nullify (a pitfall) or skip (default: keep)",
     )
     p.add_argument(
         "--replacement-source",
@@ -179,7 +192,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_intervene(args: argparse.Namespace) -> int:
-    named = {key: getattr(args, key) for key in INTERVENE_FLAGS} | {"plot": _switch(args.no_plot, False)}
+    named = {key: getattr(args, key) for key in INTERVENE_FLAGS} | {
+        "plot": _switch(args.no_plot, False),
+        "allow_oracle": _switch(args.allow_oracle, True),
+    }
     config = config_from_args(InterveneRunConfig, args, named=named)
     return intervene_run(config, args.output_dir, overwrite=args.overwrite)
 

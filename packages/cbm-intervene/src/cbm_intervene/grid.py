@@ -3,7 +3,8 @@
 One *run* is :func:`~cbm_intervene.intervention.run_intervention` for one trained model (one
 predictions set) and one seed. Curves are averaged over models x seeds (mean and std), and
 summarised against the number of concepts revealed per sample -- the paper's fair x-axis for
-comparing group and individual levels -- and against cost.
+comparing group and individual levels -- and against cost. Runs that stop early (adaptive
+ordering with nothing left to ask) hold their last values: :func:`aligned_curves`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,34 @@ import numpy as np
 from torch import nn
 
 from cbm_intervene.data.predictions import ConceptPredictions
-from cbm_intervene.intervention import InterventionConfig, get_criterion, run_intervention
+from cbm_intervene.intervention import InterventionConfig, InterventionCurve, get_criterion, run_intervention
 from cbm_intervene.metrics import mean_std, summarize
 from shin_common import JsonlStore, provenance, to_jsonable
 
 log = logging.getLogger(__name__)
 
 ORACLE = "LCP"
+
+#: The per-step arrays of an :class:`InterventionCurve` that are averaged over runs.
+CURVE_FIELDS = ("error", "concepts_per_sample", "units_per_sample", "forward_passes_per_sample", "cost_per_sample")
+
+
+def aligned_curves(runs: Sequence[InterventionCurve]) -> dict[str, np.ndarray]:
+    """Each per-step array of ``runs`` stacked to ``(n_runs, T+1)``, T the longest run's steps.
+
+    Adaptive ordering stops a run once nothing is left to ask, so runs on predictions of different
+    visibility (``not_visible="skip"``) or groups end at different steps. A run that stopped has
+    revealed everything it can: its error, concepts, units, passes and cost stay as they are, so
+    its last values are held until the longest run ends (the static ordering's curves do the same
+    by construction). The mean at a step then averages every run, finished or not.
+    """
+    length = max(len(run.error) for run in runs)
+
+    def held(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        return np.concatenate([values, np.repeat(values[-1:], length - len(values))])
+
+    return {name: np.stack([held(getattr(run, name)) for run in runs]) for name in CURVE_FIELDS}
 
 
 def evaluate_grid(
@@ -77,17 +99,13 @@ def evaluate_grid(
                 for predictions, target in models
                 for seed in (seeds if random_run else seeds[:1])
             ]
-            error_mean, error_std = mean_std([r.error for r in runs])
-            concepts = np.mean([r.concepts_per_sample for r in runs], axis=0)
-            cost = np.mean([r.cost_per_sample for r in runs], axis=0)
+            aligned = aligned_curves(runs)
+            error_mean, error_std = mean_std(list(aligned["error"]))
             curves[level][config.criterion] = {
                 "n_runs": len(runs),
                 "error_mean": error_mean.tolist(),
                 "error_std": error_std.tolist(),
-                "concepts_per_sample": concepts.tolist(),
-                "units_per_sample": np.mean([r.units_per_sample for r in runs], axis=0).tolist(),
-                "forward_passes_per_sample": np.mean([r.forward_passes_per_sample for r in runs], axis=0).tolist(),
-                "cost_per_sample": cost.tolist(),
+                **{name: aligned[name].mean(axis=0).tolist() for name in CURVE_FIELDS[1:]},
             }
             log.info(
                 "%s %s: error %.4f -> %.4f (%d runs)", level, config.criterion, error_mean[0], error_mean[-1], len(runs)

@@ -10,7 +10,7 @@ the replacement value of ``v``.
 RAND     a uniform random permutation of the units (concepts or groups)             0 passes
 UCP      ``1 / |p_i - 0.5|`` (uncertainty of concept prediction)                   0 passes
 LCP      ``|p_i - c_i|`` (loss; needs the true concepts -- an oracle reference)     0 passes
-CCTP     ``sum_j |c_hat_i * d f_j / d c_hat_i|`` (contribution to the target)       1 + M passes
+CCTP     ``sum_j |q_i * d f_j / d c_hat_i|`` (contribution to the target)          1 + M passes
 ECTP     ``(1-p_i) KL(f(c_hat|c_i=0) || f(c_hat)) + p_i KL(f(c_hat|c_i=1) || f(c_hat))``  1 + 2C passes
 EUDTP    ``H(f(c_hat)) - [(1-p_i) H(f(c_hat|c_i=0)) + p_i H(f(c_hat|c_i=1))]``     1 + 2C passes
 ======== ========================================================================= ==============
@@ -26,6 +26,13 @@ a linear f). ``c_hat`` is the bottleneck f actually reads under the conceptualiz
 (``ScoringContext.f_values``): under HARD, CCTP and CCTP_FIRST_LAYER are taken at the thresholded
 values, exactly as ECTP/EUDTP look ahead through the thresholded f. SAMP has no single bottleneck:
 every look-ahead and gradient criterion then uses the SOFT one.
+
+``q_i`` is the *probability* of concept i as f reads it (``ScoringContext.f_probabilities``: the
+value itself on a probability bottleneck, its sigmoid on a logit bottleneck), as in the authors'
+code (``tti.py`` multiplies the weights by the sigmoid of the predicted concept). Multiplying by
+the logit itself, the literal reading of Table 1 kept as ``CCTP_LOGIT``, ranks the most confident
+concepts (largest ``|logit|``) first, and on logit bottlenecks (SEQ, JNT) that is worse than asking
+at random. On a probability bottleneck the three coincide.
 
 Most criteria score concepts and the engine turns concept scores into group scores (mean or max over
 the group's candidate members). A criterion registered with ``scores_units=True`` scores the ranked
@@ -66,7 +73,8 @@ class ScoringContext:
     them at 0 instead of computing them. ``None``: every concept. ``membership`` (U, K) bool: the
     units being ranked (concept groups at group levels); ``None``: the concepts themselves.
     ``f_inputs(values, intervened)``: the bottleneck f reads under the conceptualization (HARD:
-    thresholded; SOFT and SAMP: as is); ``None``: as is.
+    thresholded; SOFT and SAMP: as is); ``None``: as is. ``kind``: ``"prob"`` or ``"logit"``, the
+    bottleneck f reads (needed by CCTP and CCTP_FIRST_LAYER, which weigh by its probability).
     """
 
     values: torch.Tensor
@@ -82,6 +90,7 @@ class ScoringContext:
     candidates: torch.Tensor | None = None
     membership: torch.Tensor | None = None
     f_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    kind: str | None = None
 
     @property
     def candidate_mask(self) -> torch.Tensor:
@@ -98,6 +107,15 @@ class ScoringContext:
         """The bottleneck f reads (``values`` under SOFT/SAMP, thresholded under HARD)."""
         return self.values if self.f_inputs is None else self.f_inputs(self.values, self.intervened)
 
+    @property
+    def f_probabilities(self) -> torch.Tensor:
+        """The concept probabilities of :attr:`f_values`: as is on a probability bottleneck, their
+        sigmoid on a logit bottleneck."""
+        if self.kind not in ("prob", "logit"):
+            raise ValueError(f"ScoringContext.kind must be 'prob' or 'logit' for this criterion, got {self.kind!r}")
+        values = self.f_values
+        return values if self.kind == "prob" else torch.sigmoid(values)
+
 
 @dataclass(frozen=True)
 class Criterion:
@@ -112,6 +130,9 @@ class Criterion:
     stochastic: bool = False
     #: True when ``score`` returns one score per ranked unit, ``(N, ctx.n_units)``, instead of per concept
     scores_units: bool = False
+    #: True when a group's mean is taken over the *squared* member scores (UCP and LCP, as the
+    #: authors' ``tti.py`` scores them), unless ``group_score="mean_unsquared"``
+    squared_in_group_mean: bool = False
 
 
 class CriterionRegistry(Registry[Criterion]):
@@ -144,12 +165,14 @@ def register_criterion(
     needs_true_concepts: bool = False,
     stochastic: bool = False,
     scores_units: bool = False,
+    squared_in_group_mean: bool = False,
     overwrite: bool = False,
 ) -> Callable[[Callable[[ScoringContext], torch.Tensor]], Callable[[ScoringContext], torch.Tensor]]:
     """Decorator registering ``fn(ctx) -> (N, K) scores`` in :data:`CRITERIA` under ``name`` (case-insensitive).
 
     With ``scores_units=True``, ``fn`` returns ``(N, ctx.n_units)`` scores of the ranked units
-    (groups at group levels) and no group aggregation is applied.
+    (groups at group levels) and no group aggregation is applied. With ``squared_in_group_mean=True``
+    a group's mean (``group_score="mean"``) averages the squares of its members' scores.
     """
     key = name.upper()
 
@@ -158,7 +181,10 @@ def register_criterion(
             if not overwrite:
                 raise ValueError(f"criterion {key!r} is already registered (pass overwrite=True to replace it)")
             CRITERIA.remove(key)
-        CRITERIA.add(key, Criterion(key, fn, forward_passes, needs_true_concepts, stochastic, scores_units))
+        CRITERIA.add(
+            key,
+            Criterion(key, fn, forward_passes, needs_true_concepts, stochastic, scores_units, squared_in_group_mean),
+        )
         return fn
 
     return decorator
@@ -183,23 +209,32 @@ def score_concepts(name: str, ctx: ScoringContext) -> torch.Tensor:
     return scores
 
 
-GROUP_SCORES = ("mean", "max")
+#: How a group's score comes from its members': ``mean`` as the authors' code takes it (the squares
+#: of UCP's and LCP's scores, the others as they are), ``mean_unsquared`` (every criterion's scores
+#: as they are: what this package took before), ``max``.
+GROUP_SCORES = ("mean", "mean_unsquared", "max")
 
 
 def score_units(name: str, ctx: ScoringContext, group_score: str = "mean") -> torch.Tensor:
     """``(N, ctx.n_units)`` scores of the ranked units: a unit-scoring criterion's own scores, else
-    the concept scores (individual levels) or, per group, the mean (Shin et al., Sec. 3.2; the
-    authors' code) or max of the scores of its candidate members."""
+    the concept scores (individual levels) or, per group, the mean (Shin et al., Sec. 3.2) or max of
+    the scores of its candidate members. ``mean`` squares the member scores of a criterion declared
+    ``squared_in_group_mean`` (UCP and LCP: the authors' ``tti.py`` squares them before the group
+    mean, which weighs a group's most uncertain or most wrong member more); squaring changes no order
+    among single concepts, so individual levels are unaffected."""
     if group_score not in GROUP_SCORES:
         raise ValueError(f"unknown group score {group_score!r}; expected one of {list(GROUP_SCORES)}")
     scores = score_concepts(name, ctx)
-    if get_criterion(name).scores_units or ctx.membership is None:
+    criterion = get_criterion(name)
+    if criterion.scores_units or ctx.membership is None:
         return scores
+    if group_score == "mean" and criterion.squared_in_group_mean:
+        scores = scores.square()
     members = ctx.membership.bool()
     needed = ctx.candidate_mask
     # members that will not be asked (already revealed, or skipped as not visible) do not count
     kept = torch.where(needed, scores, torch.zeros_like(scores))
-    if group_score == "mean":
+    if group_score != "max":
         counts = needed.float() @ members.T.float()
         return (kept @ members.T.float()) / counts.clamp_min(1.0)
     pairs = members[None] & needed[:, None, :]  # (N, U, K)
@@ -214,13 +249,13 @@ def random_scores(ctx: ScoringContext) -> torch.Tensor:
     return torch.rand((ctx.values.shape[0], ctx.n_units), generator=ctx.generator)
 
 
-@register_criterion("UCP")
+@register_criterion("UCP", squared_in_group_mean=True)
 def uncertainty_scores(ctx: ScoringContext) -> torch.Tensor:
     # clamp keeps p_i = 0.5 finite (and largest) so that group means stay defined
     return 1.0 / (ctx.probs - 0.5).abs().clamp_min(1e-12)
 
 
-@register_criterion("LCP", needs_true_concepts=True)
+@register_criterion("LCP", needs_true_concepts=True, squared_in_group_mean=True)
 def loss_scores(ctx: ScoringContext) -> torch.Tensor:
     return (ctx.probs - ctx.true_concepts).abs()
 
@@ -229,24 +264,39 @@ def _forward_and_backward_per_class(n_candidates: int, n_classes: int) -> int:
     return 1 + n_classes
 
 
-@register_criterion("CCTP", forward_passes=_forward_and_backward_per_class)
-def contribution_scores(ctx: ScoringContext) -> torch.Tensor:
-    """``sum_j |c_hat_i * df_j/dc_hat_i|`` (Shin et al., Table 1) with the exact Jacobian of f at the
-    bottleneck f reads (rows of f are independent, so one backward pass per output class yields
-    every sample's gradient at once). Only samples with a candidate concept are evaluated."""
+def _jacobian_contributions(ctx: ScoringContext, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j |weights_i * df_j/dc_hat_i|`` with the exact Jacobian of f at the bottleneck f reads
+    (rows of f are independent, so one backward pass per output class yields every sample's
+    gradient at once). Only samples with a candidate concept are evaluated."""
     rows = ctx.candidate_mask.any(1).nonzero().squeeze(1)
     scores = torch.zeros(ctx.values.shape)
     if not len(rows):
         return scores
+    weights = weights[rows].detach()
     with torch.enable_grad():
         inputs = ctx.f_values[rows].detach().clone().requires_grad_(True)
         outputs = ctx.target_model(inputs)
         total = torch.zeros_like(inputs)
         for j in range(outputs.shape[1]):
             (grad,) = torch.autograd.grad(outputs[:, j].sum(), inputs, retain_graph=j < outputs.shape[1] - 1)
-            total += (inputs.detach() * grad).abs()
+            total += (weights * grad).abs()
     scores[rows] = total
     return scores
+
+
+@register_criterion("CCTP", forward_passes=_forward_and_backward_per_class)
+def contribution_scores(ctx: ScoringContext) -> torch.Tensor:
+    """``sum_j |q_i * df_j/dc_hat_i|`` (Shin et al., Table 1), ``q_i`` the concept's probability as
+    the authors' code takes it (the sigmoid of a logit), with the exact Jacobian of f."""
+    return _jacobian_contributions(ctx, ctx.f_probabilities)
+
+
+@register_criterion("CCTP_LOGIT", forward_passes=_forward_and_backward_per_class)
+def logit_contribution_scores(ctx: ScoringContext) -> torch.Tensor:
+    """``sum_j |c_hat_i * df_j/dc_hat_i|`` with ``c_hat_i`` the value f reads, a logit on SEQ/JNT
+    bottlenecks: the literal formula, kept to show why CCTP uses the probability (it asks the most
+    confident concepts first there). Equal to CCTP on probability bottlenecks."""
+    return _jacobian_contributions(ctx, ctx.f_values)
 
 
 def first_linear_layer(module: nn.Module) -> nn.Linear:
@@ -258,9 +308,10 @@ def first_linear_layer(module: nn.Module) -> nn.Linear:
 
 @register_criterion("CCTP_FIRST_LAYER")
 def first_layer_contribution_scores(ctx: ScoringContext) -> torch.Tensor:
-    """The authors' CCTP: ``sum_h |c_hat_i * W_hi|`` with W the first linear layer of f."""
+    """The authors' CCTP: ``sum_h |q_i * W_hi|`` with W the first linear layer of f and ``q_i`` the
+    concept's probability (sigmoid of a logit)."""
     weight = first_linear_layer(ctx.target_model).weight.detach()  # (H, K)
-    return ctx.f_values.abs() * weight.abs().sum(0)
+    return ctx.f_probabilities.abs() * weight.abs().sum(0)
 
 
 def _base_and_two_per_candidate(n_candidates: int, n_classes: int) -> int:

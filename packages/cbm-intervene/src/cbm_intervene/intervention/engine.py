@@ -19,8 +19,10 @@ A revealed concept takes its *replacement value*: 0/1 for a probability bottlene
 authors' code uses the evaluation set: ``replacement_source='eval'``). Conceptualization at test
 time: ``soft`` (as predicted), ``hard`` (probabilities thresholded at 0.5, logits at 0, mapped to
 the replacement values), ``samp`` (f averaged over Bernoulli samples of the concepts). Concepts
-marked not visible are, when revealed, ``nullify``: set to "absent" (the authors' procedure),
-``keep``: left as predicted, or ``skip``: never asked.
+marked not visible are, when revealed, ``keep``: left as predicted (the default: every command in
+the authors' README passes ``-no_intervention_when_invisible``, which does this), ``nullify``: set
+to "absent" (the pitfall Shin et al. report, Sec. 4.4: an expert who cannot see a part does not
+know it is absent, and forcing it so raises the error), or ``skip``: never asked.
 
 Cost (Sec. 3.4; the paper's exact formula is not recoverable, so every term is explicit): a
 revealed concept costs ``tau_i`` (individual levels), a revealed group ``tau_g`` (group levels),
@@ -90,7 +92,7 @@ class InterventionConfig:
     group_score: str = "mean"
     conceptualization: str = "soft"
     n_samples: int = 16  # Bernoulli samples for conceptualization='samp'
-    not_visible: str = "nullify"
+    not_visible: str = "keep"
     replacement_source: str = "train"
     percentiles: tuple[float, float] = (5.0, 95.0)
     max_steps: int | None = None
@@ -98,9 +100,18 @@ class InterventionConfig:
     costs: CostModel = field(default_factory=CostModel)
     chunk_rows: int = 65536  # rows of f per look-ahead batch (memory knob)
     seed: int = 0
+    #: run a criterion that reads the true concepts (LCP): an oracle reference, never a practical
+    #: criterion, so it must be asked for by name
+    allow_oracle: bool = False
 
     def __post_init__(self) -> None:
-        self.criterion = get_criterion(self.criterion).name
+        criterion = get_criterion(self.criterion)
+        self.criterion = criterion.name
+        if criterion.needs_true_concepts and not self.allow_oracle:
+            raise ValueError(
+                f"criterion {self.criterion!r} reads the true concepts (an oracle reference, not a practical "
+                "criterion); set allow_oracle=True (command line: --allow-oracle) to run it"
+            )
         self.level = _choice("level", self.level, LEVELS, upper=True)
         self.ordering = _choice("ordering", self.ordering, ORDERINGS)
         self.group_score = _choice("group score", self.group_score, GROUP_SCORES)
@@ -371,6 +382,7 @@ class _UnitScorer:
             candidates=candidates,
             membership=self.revealer.membership if self.group_level else None,
             f_inputs=self.predictor.lookahead_inputs,
+            kind=self.revealer.predictions.kind,
         )
         return score_units(self.criterion, ctx, self.group_score)
 
