@@ -210,3 +210,57 @@ def test_train_from_yaml_config_with_custom_schedule(tmp_path):
     assert main(["train", "--config", str(config_file), "--output-dir", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["metrics"]["delays"] == [2, 0] and record["config"]["optim"]["name"] == "nesterov"
+
+
+DEMO_TINY = ["--set", "stages=2", "--set", "n_layer=2", "--set", "n_embd=16", "--set", "n_head=2"]
+DEMO_TINY += ["--set", "block_size=8", "--set", "batch_size=2", "--set", "eval_batches=1"]
+
+
+def test_demo_help_lists_its_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "--config FILE" in out and "--set KEY=VALUE" in out
+    for key in (
+        "steps (int) = 1000",
+        "stages (int) = 8",
+        "n_layer (int) = 8",
+        "n_embd (int) = 64",
+        "seed (int) = 0",
+        "threads",
+    ):
+        assert key in out, key
+
+
+def test_demo_defaults_are_the_demo_runs_of_before():
+    """The default DemoConfig trains exactly the two runs the demo trained before it had a config."""
+    from basisrot_pipeline.experiments import DemoConfig, demo_config
+
+    for optimizer in ("adamw", "basis-rotation"):
+        assert demo_config(optimizer, DemoConfig()) == TrainConfig(
+            stages=8,
+            model=ModelConfig(n_layer=8, n_embd=64, n_head=4, block_size=64),
+            batch_size=16,
+            steps=1000,
+            optim=OptimConfig(name=optimizer, lr=3e-3, warmup_steps=50),
+            checkpoint_every=100,
+            eval_batches=8,
+        )
+
+
+def test_demo_set_changes_the_recorded_config(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", *DEMO_TINY, "--set", "seed=3", "--output-dir", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    for optimizer in ("adamw", "basis-rotation"):
+        config = record["config"][optimizer]
+        assert (config["stages"], config["steps"], config["seed"]) == (2, 2, 3)
+        assert config["model"]["n_layer"] == 2 and config["model"]["n_embd"] == 16
+        assert config["optim"]["name"] == optimizer
+    assert record["seed"] == 3
+
+
+def test_demo_refuses_a_key_given_by_flag_and_set(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--set", "steps=3", "--output-dir", str(tmp_path / "out")]) == 2
+    assert re.search(r"steps is set twice", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -255,13 +255,38 @@ def test_crafted_pickles_are_refused_without_running(tmp_path, prepare):
 # ------------------------------------------------------------------------------------- Ctrl-C
 
 
+WAIT_AFTER_FIRST_CHECKPOINT = """
+import importlib, sys, time
+from basisrot_pipeline.cli import main
+
+train = importlib.import_module("basisrot_pipeline.train")  # the module: the package exports a function `train`
+
+save = train.save_torch_atomic
+
+def save_then_wait(obj, path, *args, **kwargs):
+    written = save(obj, path, *args, **kwargs)
+    time.sleep(120)
+    return written
+
+train.save_torch_atomic = save_then_wait
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_stops_training_in_one_line_and_the_same_command_resumes(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     args = ["train", *TINY, "--steps", "200", "--set", "checkpoint_every=5", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SHIN_DEBUG", None)
-    process = subprocess.Popen([*SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # The first checkpoint save pauses, so Ctrl-C always lands mid-run however loaded the machine is.
+    process = subprocess.Popen(
+        [sys.executable, "-c", WAIT_AFTER_FIRST_CHECKPOINT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:

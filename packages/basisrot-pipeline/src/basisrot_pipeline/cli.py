@@ -4,8 +4,9 @@ basisrot-pipeline train --stages 8 --optimizer basis-rotation --runtime emulated
 basisrot-pipeline train --config run.yaml --set optim.lr=3e-4 --set model.n_layer=8 --output-dir runs/p8
 torchrun --nproc-per-node 4 -m basisrot_pipeline train --stages 4 --runtime distributed --output-dir runs/d4
 basisrot-pipeline demo --output-dir outputs/demo
+basisrot-pipeline demo --steps 200 --set stages=4 --set seed=1 --output-dir outputs/demo4
 
-`basisrot-pipeline train --help` lists every config key with its default. A rerun with the same
+`basisrot-pipeline train --help` (and `demo --help`) lists every config key with its default. A rerun with the same
 --output-dir resumes an interrupted run and reports a finished one; see docs/run-contract.md
 (output directories, resume, errors).
 """
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import shin_common
 from basisrot_pipeline import __version__
-from basisrot_pipeline.experiments import DEMO_STEPS, run_demo
+from basisrot_pipeline.experiments import DemoConfig, run_demo
 from basisrot_pipeline.optim.factory import OPTIMIZERS
 from basisrot_pipeline.staleness import SCHEDULES
 from basisrot_pipeline.train import RUNTIMES, TrainConfig, train
@@ -56,7 +57,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="P=8 emulated pipeline: AdamW against basis rotation, loss curves plotted")
     p.add_argument("--output-dir", default="outputs/demo/basisrot-pipeline")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"minibatches per optimizer (Default: {DEMO_STEPS})")
+    p.add_argument("--steps", type=int, help=f"minibatches per optimizer (Default: {DemoConfig().steps})")
+    shin_common.add_config_options(p, DemoConfig)
     p.add_argument("--overwrite", action="store_true", help="replace the demo in --output-dir (only its own files)")
 
 
@@ -92,8 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The ``DemoConfig`` of ``demo``'s arguments: defaults < --config < --steps < --set."""
+    return shin_common.config_from_args(DemoConfig, args, named={"steps": args.steps})
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.output_dir, args.steps, overwrite=args.overwrite)
+    run_demo(args.output_dir, demo_config_from_args(args), overwrite=args.overwrite)
     return 0
 
 

@@ -7,6 +7,7 @@ basis rotation on the offline standard-library bytes, with the two loss curves p
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,51 @@ DEMO_OPTIMIZERS = ("adamw", "basis-rotation")
 DEMO_STEPS = 1000
 
 
-def demo_config(optimizer: str, steps: int) -> TrainConfig:
-    """The demo's run of ``optimizer``: P = 8 stages, one layer each, d = 64, stdlib bytes."""
+@dataclass(kw_only=True)
+class DemoConfig:
+    """The demo's settings (``demo --set key=value``), applied to both trainings' TrainConfig.
+
+    ``n_layer``, ``n_embd``, ``n_head``, ``block_size`` set ``model.*``, ``lr`` sets ``optim.lr`` (warm-up:
+    the first 5% of the steps); the others set the TrainConfig key of the same name.
+
+    The defaults are the demo's P = 8 pipeline, one layer per stage, d = 64, on stdlib bytes;
+    ``TrainConfig`` validates every value (for both trainings) when the config is made.
+    """
+
+    steps: int = DEMO_STEPS
+    stages: int = 8
+    # the model's keys the demo varies, flat (the rest of ModelConfig keeps its defaults)
+    n_layer: int = 8
+    n_embd: int = 64
+    n_head: int = 4
+    block_size: int = 64
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = 1
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        # TrainConfig validates every key (steps >= 1, stages <= model.n_layer, threads, ...) for both runs
+        for optimizer in DEMO_OPTIMIZERS:
+            demo_config(optimizer, self)
+
+
+def demo_config(optimizer: str, config: DemoConfig) -> TrainConfig:
+    """The demo's run of ``optimizer`` under ``config``; warm-up over the first 5% of the steps."""
     return TrainConfig(
-        stages=8,
-        model=ModelConfig(n_layer=8, n_embd=64, n_head=4, block_size=64),
-        batch_size=16,
-        steps=steps,
-        optim=OptimConfig(name=optimizer, lr=3e-3, warmup_steps=max(1, steps // 20)),
-        checkpoint_every=100,
-        eval_batches=8,
+        stages=config.stages,
+        model=ModelConfig(
+            n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, block_size=config.block_size
+        ),
+        batch_size=config.batch_size,
+        steps=config.steps,
+        seed=config.seed,
+        threads=config.threads,
+        optim=OptimConfig(name=optimizer, lr=config.lr, warmup_steps=max(1, config.steps // 20)),
+        checkpoint_every=config.checkpoint_every,
+        eval_batches=config.eval_batches,
     )
 
 
@@ -50,14 +86,23 @@ def _report(name: str, metrics: dict[str, Any]) -> None:
     )
 
 
-def run_demo(output_dir: str | Path, steps: int = DEMO_STEPS, *, overwrite: bool = False) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | Path, config: DemoConfig | None = None, *, steps: int | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train AdamW and basis rotation (P=8, emulated) in ``output_dir``; returns the summary in results.json.
+
+    ``config`` defaults to ``DemoConfig()``; ``steps``, when given, replaces its ``steps``. The
+    recorded config is the two trainings' TrainConfigs (as before the demo had a config of its own),
+    so a demo directory of the default settings resumes and reports as it did.
 
     One run directory: ``adamw/`` and ``basis-rotation/`` hold the two trainings (each resumes from
     its checkpoint, and a finished one is kept), ``results.json`` finishes it. A rerun of a finished
     demo prints its summary without training.
     """
-    configs = {name: demo_config(name, steps) for name in DEMO_OPTIMIZERS}  # refuses bad values before any file
+    config = DemoConfig() if config is None else config
+    if steps is not None:
+        config = replace(config, steps=steps)  # validated again by __post_init__
+    configs = {name: demo_config(name, config) for name in DEMO_OPTIMIZERS}  # refuses bad values before any file
     run = open_run(
         output_dir,
         config={name: resume_config(config) for name, config in configs.items()},
@@ -91,5 +136,5 @@ def run_demo(output_dir: str | Path, steps: int = DEMO_STEPS, *, overwrite: bool
         plot = run.file("loss_curves.png")
         plot_loss_curves(plt, results, plot, title=demo_title(configs[DEMO_OPTIMIZERS[0]]))
         print(f"plot: {plot}")
-    run.finish(metrics=summary, config=run.config, seed=0)
+    run.finish(metrics=summary, config=run.config, seed=config.seed)
     return summary
