@@ -79,7 +79,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def build(session: nox.Session) -> None:
-    """Build a wheel and sdist per package; install each wheel alone in a clean venv and run its script."""
+    """Build a wheel and sdist per package; install each wheel alone in a clean venv and run its script (import shin-common)."""
     session.install("build>=1.2", "hatchling>=1.21")
     dist_dir = ROOT / "dist"
     shutil.rmtree(dist_dir, ignore_errors=True)
@@ -105,6 +105,9 @@ def build(session: nox.Session) -> None:
             str(wheel),
             external=True,
         )
-        session.run(str(venv / "bin" / dist), "--version", external=True)
         module = dist.replace("-", "_")
+        if dist == SHARED:  # a library: no console script
+            session.run(python, "-c", f"import {module}; print({module}.__version__)", external=True)
+            continue
+        session.run(str(venv / "bin" / dist), "--version", external=True)
         session.run(python, "-m", module, "--version", external=True)

@@ -286,6 +286,7 @@ def test_ctrl_c_stops_training_in_one_line_and_the_same_command_resumes(tmp_path
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored as in a background job
     )
     try:
         deadline = time.monotonic() + 120

@@ -311,6 +311,7 @@ def test_ctrl_c_ends_train_in_one_line_and_a_rerun_resumes(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored as in a background job
     )
     progress = run / "checkpoints" / "joint_model.progress.pt"
     deadline = time.monotonic() + 90

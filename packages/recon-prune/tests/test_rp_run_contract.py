@@ -301,7 +301,15 @@ def test_ctrl_c_stops_a_checkpointed_prune_in_one_line_and_the_same_command_resu
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SHIN_DEBUG", None)
     script = [sys.executable, "-m", "recon_prune", *args]
-    process = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell's background job starts with SIGINT ignored; the child needs Python's usual handler
+    process = subprocess.Popen(
+        script,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while not (ckpt / "state.json").exists() and process.poll() is None and time.monotonic() < deadline:
