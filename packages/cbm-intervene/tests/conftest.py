@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from cbm_intervene.data import ConceptGroups, ConceptPredictions
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib does not add the test dir (cbm_tiny)
 
 
 def make_predictions(

@@ -22,21 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cbm_tiny import TINY
 
 from cbm_intervene.cli import main
 from cbm_intervene.data import save_predictions
 from cbm_intervene.models import TargetModelSpec
 
-TINY = [
-    "data.n_concepts=8",
-    "data.n_features=8",
-    "data.n_classes=4",
-    "data.n_groups=2",
-    "data.samples_per_class=20",
-    "data.concept_group_size=2",
-    "train.concept_hidden=[8]",
-    "train.max_epochs=3",
-]
 MANIFEST = ".run-manifest.json"
 
 

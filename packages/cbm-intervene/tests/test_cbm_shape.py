@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cbm_tiny import TINY
 from torch.nn import functional as F
 
 import cbm_intervene
@@ -26,16 +27,6 @@ from cbm_intervene.cli import main
 from shin_common.imports import import_cycles
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TINY = [
-    "data.n_concepts=8",
-    "data.n_features=8",
-    "data.n_classes=4",
-    "data.n_groups=2",
-    "data.samples_per_class=20",
-    "data.concept_group_size=2",
-    "train.concept_hidden=[8]",
-    "train.max_epochs=3",
-]
 
 
 @pytest.fixture

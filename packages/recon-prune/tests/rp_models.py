@@ -121,3 +121,25 @@ def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
         )
         return transformers.GPT2LMHeadModel(config).eval()
     raise ValueError(kind)
+
+
+def save_byte_llama(path, *, layers: int = 2):
+    """A tiny random Llama with recon-prune's byte-level tokenizer, saved as a model directory."""
+    from recon_prune.tiny_model import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

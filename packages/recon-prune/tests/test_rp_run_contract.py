@@ -19,33 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from rp_models import save_byte_llama
 
 from recon_prune.cli import main
-from recon_prune.tiny_model import byte_tokenizer
 
 SMALL = ["--nsamples", "4", "--seq-len", "32", "--epochs", "1", "--set", "blocksize=16"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=257,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=256,
-        pad_token_id=256,
-        bos_token_id=None,
-    )
-    path = tmp_path_factory.mktemp("models") / "dense"
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_byte_llama(tmp_path_factory.mktemp("models") / "dense")
 
 
 @pytest.fixture(scope="module")
@@ -279,22 +262,8 @@ def test_a_symlinked_output_directory_is_written_through(model_dir, tmp_path):
 
 
 def test_ctrl_c_stops_a_checkpointed_prune_in_one_line_and_the_same_command_resumes(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=257,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,  # about half a second per block: time to interrupt after the first checkpoint
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=256,
-        pad_token_id=256,
-        bos_token_id=None,
-    )
-    model = tmp_path / "dense"
-    transformers.LlamaForCausalLM(config).save_pretrained(model)
-    byte_tokenizer().save_pretrained(model)
+    # about half a second per block: time to interrupt after the first checkpoint
+    model = save_byte_llama(tmp_path / "dense", layers=8)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     args = ["prune", "--model", str(model), "--output-dir", str(out), "--eval", "none", "--checkpoint-dir", str(ckpt)]
     args += ["--nsamples", "4", "--seq-len", "32", "--epochs", "30", "--reconstruction", "br"]

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from rp_models import save_byte_llama
 
 import recon_prune
 from recon_prune import MASK_METHODS, RECONSTRUCTIONS, MaskMethod, PruneConfig, Reconstruction
 from recon_prune.cli import main
-from recon_prune.tiny_model import byte_tokenizer
 from shin_common.imports import import_cycles
 
 SMALL = ["--nsamples", "4", "--seq-len", "32", "--epochs", "1", "--set", "blocksize=16"]
@@ -25,23 +25,7 @@ SMALL = ["--nsamples", "4", "--seq-len", "32", "--epochs", "1", "--set", "blocks
 
 @pytest.fixture
 def model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=257,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=256,
-        pad_token_id=256,
-        bos_token_id=None,
-    )
-    path = tmp_path / "dense"
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_byte_llama(tmp_path / "dense")
 
 
 def _negated_magnitude(weight, stats, config, name):
