@@ -81,7 +81,7 @@ def test_train_resumes_after_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(StalenessEmulator, "step", real_step)
     # a resume under other settings would bring back the saved lr/frequency with the optimizer state
     changed = replace(config, optim=replace(config.optim, lr=3e-3), steps=9)
-    with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.003; steps: 7 -> 9") as refused:
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.003, steps: 7 -> 9") as refused:
         train(changed, tmp_path / "interrupted")
     assert "interrupted" in str(refused.value) and "--overwrite" in str(refused.value)
     resumed = train(replace(config, checkpoint_every=2), tmp_path / "interrupted")  # continues from minibatch 3
@@ -109,7 +109,7 @@ def test_rerun_of_a_finished_emulated_run_reports_it(tmp_path, monkeypatch):
     assert again["already_finished"] and again["train_losses"] == first["train_losses"]
     assert again["val_loss"] == first["val_loss"]
     with pytest.raises(
-        ValueError, match=r"holds a run with a different configuration \(optim\.name: 'basis-rotation' -> 'adamw'\)"
+        ValueError, match=r"holds a run with a different config \(differing: optim\.name: 'basis-rotation' -> 'adamw'\)"
     ):
         train(replace(config, optim=OptimConfig(name="adamw")), tmp_path)
 
@@ -196,7 +196,7 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
     # other settings are refused before starting any worker
     assert main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")]) == 2
     error = capsys.readouterr().err
-    assert re.search(r"distributed' holds a run with a different configuration \(optim\.lr: 0\.001 -> 0\.005\)", error)
+    assert re.search(r"distributed' holds a run with a different config \(differing: optim\.lr: 0\.001 -> 0\.005\)", error)
     assert len(re.findall(r"optim\.lr:", error)) == 1  # each differing key is named once
 
 

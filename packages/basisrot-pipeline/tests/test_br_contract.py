@@ -100,7 +100,7 @@ def _output_under_a_file(tmp):
 def _other_config(tmp):
     _partial_run(tmp / "out", TINY)
     args = ["train", *TINY, "--set", "optim.lr=0.005", "--output-dir", str(tmp / "out")]
-    return args, [r"'[^']*out' holds a run with a different configuration \(optim\.lr: 0\.001 -> 0\.005\)"]
+    return args, [r"'[^']*out' holds a run with a different config \(differing: optim\.lr: 0\.001 -> 0\.005\)"]
 
 
 def _overwrite_with_foreign_files(tmp):

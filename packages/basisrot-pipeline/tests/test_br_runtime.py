@@ -14,7 +14,6 @@ import torch
 from basisrot_pipeline.data import random_batches
 from basisrot_pipeline.emulator import build_emulator
 from basisrot_pipeline.model import ModelConfig
-from basisrot_pipeline.resume import config_differences
 from basisrot_pipeline.runtime import (
     AsyncPipelineWorker,
     PipelineJob,
@@ -31,7 +30,7 @@ from basisrot_pipeline.train import (
     resume_config,
     train_distributed,
 )
-from shin_common import load_torch
+from shin_common import config_changes, load_torch
 
 STEPS = 8
 
@@ -107,9 +106,9 @@ def test_job_settings_name_each_setting_once(tiny_config, tiny_batches, fast_opt
 
     base = TrainConfig(model=tiny_config, optim=fast_optim(), stages=2, steps=6, data="random")
     faster = replace(base, optim=fast_optim(lr=2e-2))
-    assert config_differences(job_for(base).settings(), job_for(faster).settings()) == ["optim.lr: 0.01 -> 0.02"]
+    assert config_changes(job_for(base).settings(), job_for(faster).settings()) == ["optim.lr: 0.01 -> 0.02"]
     other_data = replace(base, data="stdlib")
-    assert config_differences(job_for(base).settings(), job_for(other_data).settings()) == [
+    assert config_changes(job_for(base).settings(), job_for(other_data).settings()) == [
         "run.data: 'random' -> 'stdlib'"
     ]
 
@@ -122,7 +121,7 @@ def test_each_checkpoint_step_has_its_settings_as_json(tiny_config, tiny_batches
     saved = json.loads(checkpoint_settings_path(tmp_path, 2).read_text())
     assert saved == json.loads(json.dumps(job.settings()))
     in_checkpoint = load_torch(checkpoint_path(tmp_path, 2, 0))["settings"]  # loads with weights_only
-    assert config_differences(saved, in_checkpoint) == []
+    assert config_changes(saved, in_checkpoint) == []
 
 
 TINY_RUN = dict(stages=2, steps=6, data="random", batch_size=4, eval_batches=1, checkpoint_every=2)
@@ -154,7 +153,7 @@ def test_resume_is_refused_from_the_manifest_not_the_stage_checkpoints(tmp_path,
         run_config=resume_config(saved),
     )
     _interrupted_run(tmp_path, saved, job.settings())
-    with pytest.raises(ValueError, match=r"holds a run with a different configuration \(optim\.lr: 0\.01 -> 0\.03\)"):
+    with pytest.raises(ValueError, match=r"holds a run with a different config \(differing: optim\.lr: 0\.01 -> 0\.03\)"):
         train_distributed(replace(saved, optim=fast_optim(lr=3e-2)), tmp_path)
 
 

@@ -18,6 +18,7 @@ from shin_common import (
     OutputDirectoryError,
     RunDirectory,
     UnsafeFileError,
+    config_changes,
     config_differences,
     load_json,
     load_npz,
@@ -198,9 +199,10 @@ def test_finished_run_with_the_same_config_is_reported(in_tmp):
 def test_different_config_is_refused_naming_keys_and_nothing_changes(in_tmp):
     _finished_run("out")
     before = _snapshot(in_tmp / "out")
-    with pytest.raises(ConfigMismatchError, match=r"differing: opt\.rho") as info:
+    with pytest.raises(ConfigMismatchError, match=r"differing: opt\.rho: 0\.05 -> 0\.5\)") as info:
         RunDirectory("out", tool="t", config={"lr": 0.1, "opt": {"rho": 0.5}}, command="train")
     assert info.value.keys == ["opt.rho"]
+    assert len(str(info.value).splitlines()) == 1
     assert _snapshot(in_tmp / "out") == before
 
 
@@ -208,7 +210,7 @@ def test_another_tool_or_command_is_refused(in_tmp):
     _finished_run("out")
     with pytest.raises(OutputDirectoryError, match="holds a run of 't'"):
         RunDirectory("out", tool="other", config={"lr": 0.1, "opt": {"rho": 0.05}})
-    with pytest.raises(ConfigMismatchError, match="command"):
+    with pytest.raises(ConfigMismatchError, match="differing: command: 'train' -> 'demo'"):
         RunDirectory("out", tool="t", config={"lr": 0.1, "opt": {"rho": 0.05}}, command="demo")
 
 
@@ -265,6 +267,14 @@ def test_config_differences_names_nested_added_and_removed_keys():
     new = {"a": 1, "b": {"c": 2, "d": 4}, "added": 0}
     assert config_differences(old, new) == ["added", "b.d", "gone"]
     assert config_differences({"x": float("nan")}, {"x": None}) == []  # both are null in records
+    assert config_changes(old, new) == ["added: <absent> -> 0", "b.d: 3 -> 4", "gone: 0 -> <absent>"]
+
+
+def test_config_changes_shorten_long_values_and_compare_tuples_as_lists():
+    long_hash = "f" * 64
+    (change,) = config_changes({"sha": long_hash}, {"sha": "0" * 64})
+    assert change.startswith("sha: 'fff") and change.count("...") == 2 and len(change) < 100
+    assert config_changes({"dims": (1, 2)}, {"dims": [1, 2]}) == []  # records store tuples as lists
 
 
 def test_results_record_the_writing_package(in_tmp):

@@ -33,7 +33,7 @@ from shin_common.records import (
     write_run_record,
 )
 from shin_common.registry import Registry
-from shin_common.rundir import RunDirectory, check_output_path, config_differences
+from shin_common.rundir import RunDirectory, check_output_path, config_changes, config_differences
 from shin_common.runner import run_command
 from shin_common.seeding import seed_everything
 
@@ -54,6 +54,7 @@ __all__ = [
     "add_config_options",
     "byte_blocks",
     "check_output_path",
+    "config_changes",
     "config_differences",
     "config_from_args",
     "config_keys",

@@ -41,12 +41,19 @@ class OutputDirectoryError(ValueError):
 
 
 class ConfigMismatchError(OutputDirectoryError):
-    """An output directory holding a run of a different configuration."""
+    """An output directory holding a run of a different configuration.
 
-    def __init__(self, path: str | os.PathLike[str], keys: list[str]) -> None:
+    ``keys`` names every differing key; ``changes`` (``key: old -> new`` each, when the caller knows
+    both values) is what the message shows, so a user sees at once which setting to restore.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], keys: list[str], changes: list[str] | None = None) -> None:
         self.keys = keys
-        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        self.changes = changes or keys
+        shown = ", ".join(self.changes[:8])
+        if len(self.changes) > 8:
+            shown += f" and {len(self.changes) - 8} more"
         super().__init__(
             f"output directory {str(path)!r} holds a run with a different config (differing: {shown}); "
-            "choose another directory, or pass --overwrite to replace that run"
+            "use the same settings to continue it, choose another directory, or pass --overwrite to replace that run"
         )

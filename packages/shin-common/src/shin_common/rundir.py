@@ -29,23 +29,49 @@ MANIFEST_NAME = ".run-manifest.json"
 RESULTS_NAME = "results.json"
 
 
-def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+_ABSENT = "<absent>"
+
+
+def _changed_values(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    # (dotted name, old value, new value) for every leaf that differs; a missing key is _ABSENT
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}{key}"
+            if key not in old or key not in new:
+                found.append((name, old.get(key, _ABSENT), new.get(key, _ABSENT)))
+            else:
+                found.extend(_changed_values(old[key], new[key], prefix=f"{name}."))
+        return found
+    return [] if old == new else [(prefix.rstrip(".") or "<config>", old, new)]
+
+
+def config_differences(old: Any, new: Any) -> list[str]:
     """Dotted names of the keys whose values differ between two configs (after ``to_jsonable``).
 
     >>> config_differences({"lr": 0.1, "opt": {"rho": 0.05}}, {"lr": 0.1, "opt": {"rho": 0.5}})
     ['opt.rho']
     """
-    old, new = to_jsonable(old), to_jsonable(new)
-    if isinstance(old, dict) and isinstance(new, dict):
-        found: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}{key}"
-            if key not in old or key not in new:
-                found.append(name)
-            else:
-                found.extend(config_differences(old[key], new[key], prefix=f"{name}."))
-        return found
-    return [] if old == new else [prefix.rstrip(".") or "<config>"]
+    return [name for name, _, _ in _changed_values(to_jsonable(old), to_jsonable(new), "")]
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = value if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_changes(old: Any, new: Any) -> list[str]:
+    """``key: old -> new`` for every key whose value differs, in the order of :func:`config_differences`.
+
+    Long values are shortened; a key present on one side only shows ``<absent>`` on the other.
+
+    >>> config_changes({"optim": {"lr": 0.001}}, {"optim": {"lr": 0.005}, "seed": 1})
+    ['optim.lr: 0.001 -> 0.005', 'seed: <absent> -> 1']
+    """
+    return [
+        f"{name}: {_shown(before)} -> {_shown(after)}"
+        for name, before, after in _changed_values(to_jsonable(old), to_jsonable(new), "")
+    ]
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:
@@ -184,11 +210,14 @@ class RunDirectory:
                     f"also holds {shown}; move them away or choose another directory"
                 )
             return
-        differing = config_differences(self._manifest.get("config"), self.config)
+        stored_config = self._manifest.get("config")
+        differing = config_differences(stored_config, self.config)
+        changes = config_changes(stored_config, self.config)
         if self._manifest.get("command") not in (None, self.command):
             differing.insert(0, "command")
+            changes.insert(0, f"command: {self._manifest.get('command')!r} -> {self.command!r}")
         if differing:
-            raise ConfigMismatchError(self.given, differing)
+            raise ConfigMismatchError(self.given, differing, changes)
 
     # ------------------------------------------------------------------ writing
     def begin(self) -> Path:
