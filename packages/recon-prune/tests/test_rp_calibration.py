@@ -106,3 +106,54 @@ def test_online_loaders_join_text_like_the_references(monkeypatch) -> None:
     assert calls[-1][0] == "wikitext" and calls[-1][1] == ("wikitext-2-raw-v1",) and calls[-1][2]["split"] == "test"
     c4 = source_text("c4", "test")
     assert c4.split(" doc ")[-1] == "1099" and calls[-1][0] == "allenai/c4"
+
+
+def test_ptb_loader_joins_sentences_with_spaces_like_the_references(monkeypatch) -> None:
+    import datasets
+
+    from recon_prune.calibration import source_text
+    from recon_prune.evaluate import default_eval_chunks
+
+    calls = []
+
+    def fake_load(path, *args, **kwargs):
+        calls.append((path, args, kwargs["split"]))
+        return datasets.Dataset.from_dict({"sentence": [f"{kwargs['split']} sentence {i}" for i in range(3)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert source_text("ptb", "test") == "test sentence 0 test sentence 1 test sentence 2"
+    assert calls[-1] == ("ptb_text_only", ("penn_treebank",), "test")
+    assert source_text("ptb", "train").startswith("train sentence 0 train") and calls[-1][2] == "train"
+    assert default_eval_chunks("ptb") is None  # the whole test set, as for wikitext2
+
+
+def _byte_tokenizer_adding_bos():
+    """The byte tokenizer with a BOS (id 257) that ``tokenizer(text)`` prepends, as LLaMA's does."""
+    from tokenizers import processors
+
+    from recon_prune.tiny_model import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return tok, bos
+
+
+def test_heldout_stream_starts_with_what_the_tokenizer_puts_first(tmp_path) -> None:
+    from recon_prune.calibration import leading_special_ids
+    from recon_prune.evaluate import heldout_ids
+    from recon_prune.tiny_model import byte_tokenizer
+
+    text = "def f(x):\n    return x\n" * 3
+    (tmp_path / "held.txt").write_text(text, encoding="utf-8")
+    source = f"file:{tmp_path / 'held.txt'}"
+    with_bos, bos = _byte_tokenizer_adding_bos()
+    ids = heldout_ids(source, with_bos).tolist()
+    assert ids[0] == bos and ids[1:] == list(text.encode("utf-8")) and leading_special_ids(with_bos) == [bos]
+    assert ids == with_bos(text)["input_ids"]  # the references' one call with the tokenizer's defaults
+    # a tokenizer that names a BOS but does not put it before text (GPT-2's) gets none, as in the references
+    plain = byte_tokenizer()
+    plain.add_special_tokens({"bos_token": "<s>"})
+    assert plain.bos_token_id is not None and heldout_ids(source, plain).tolist() == list(text.encode("utf-8"))
+    assert leading_special_ids(None) == []

@@ -293,3 +293,65 @@ def test_cli_warns_once_that_lr_without_sparsegpt_changes_nothing(model_dir, tmp
     args = ["prune", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"), "--eval", "none", *SMALL]
     assert main([*args, "--method", "wanda", "--reconstruction", "lr", "--set", "device=cpu"]) == 0
     assert capsys.readouterr().err.count("equals reconstruction='none'") == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "keys"),
+    [
+        ("eval", ['dataset (str) = "stdlib"', "max_chunks", "tasks"]),
+        ("generate-calibration", ["count (int) = 16", "seq_len (int) = 256", "seed (int) = 0"]),
+        ("demo", ["nsamples (int) = 32", "eval_chunks (int) = 64", "self_generated (int) = 32"]),
+    ],
+)
+def test_every_command_lists_its_config_keys_in_help(command, keys, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    printed = capsys.readouterr().out
+    assert "--config FILE" in printed and "--set KEY=VALUE" in printed
+    for key in keys:
+        assert key in printed
+
+
+def test_eval_and_generate_take_config_files_and_set(model_dir, tmp_path, capsys) -> None:
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text("dataset: stdlib\nmax_chunks: 3\n", encoding="utf-8")
+    record = tmp_path / "eval.json"
+    args = ["eval", "--model", str(model_dir), "--config", str(config_file), "--set", "seq_len=16"]
+    assert main([*args, "--output", str(record)]) == 0
+    saved = json.loads(record.read_text())
+    assert (saved["config"]["max_chunks"], saved["config"]["seq_len"], saved["config"]["tasks"]) == (3, 16, [])
+    assert saved["metrics"]["perplexity"]["chunks"] == 3 and saved["metrics"]["perplexity"]["seq_len"] == 16
+    # a key given by its flag and by --set is refused, as for prune
+    assert main(["eval", "--model", str(model_dir), "--max-chunks", "2", "--set", "max_chunks=3"]) == 2
+    assert "max_chunks" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--set", "max_chunks=0"]) == 2
+    assert "--max-chunks must be a positive integer, got 0 (config key max_chunks)" in capsys.readouterr().err
+    gen = tmp_path / "gen.jsonl"
+    gen_args = ["generate-calibration", "--model", str(model_dir), "--output", str(gen)]
+    assert main([*gen_args, "--set", "count=3", "--set", "seq_len=12", "--seed", "5"]) == 0
+    rows = [json.loads(line) for line in gen.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["token_ids"]) == 12 for r in rows)
+    capsys.readouterr()
+    assert main([*gen_args, "--overwrite", "--set", "seq_len=5"]) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len must be at least 6, got 5 (config key seq_len)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_takes_a_config_file_and_refuses_bad_keys_before_loading(model_dir, tmp_path, capsys) -> None:
+    config_file = tmp_path / "demo.yaml"
+    config_file.write_text("nsamples: 4\nseq_len: 32\nself_generated: 0\n", encoding="utf-8")
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(model_dir), "--output-dir", str(out), "--config", str(config_file)]
+    assert main([*args, "--set", "eval_chunks=0"]) == 2
+    assert "--eval-chunks must be a positive integer, got 0 (config key eval_chunks)" in capsys.readouterr().err
+    assert main([*args, "--set", "eval_chunks=1", "--set", "self_generated=2", "--set", "seq_len=5"]) == 2
+    assert "--seq-len must be at least 6, got 5" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--eval-chunks", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {k: results["config"][k] for k in ("nsamples", "seq_len", "eval_chunks", "self_generated")} == {
+        "nsamples": 4,
+        "seq_len": 32,
+        "eval_chunks": 1,
+        "self_generated": 0,
+    }
+    assert len(results["metrics"]["runs"]) == 10  # no self-generated run

@@ -122,11 +122,11 @@ def test_pretraining_recipe_runs_saves_and_records(tmp_path, monkeypatch) -> Non
     # a cached model is found (and not retrained) through RECON_PRUNE_CACHE
     monkeypatch.setenv("RECON_PRUNE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "m").rename(tmp_path / "cache" / "stdlib-tiny-v1")
+    (tmp_path / "m").rename(tmp_path / "cache" / "stdlib-tiny-v2")
     monkeypatch.setattr(
         "recon_prune.tiny_model.pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained"))
     )
-    assert stdlib_tiny_path() == tmp_path / "cache" / "stdlib-tiny-v1"
+    assert stdlib_tiny_path() == tmp_path / "cache" / "stdlib-tiny-v2"
 
 
 def test_default_evaluation_protocol() -> None:
@@ -163,12 +163,64 @@ def test_recipe_keys_the_cache_and_the_window_is_recorded(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tiny_model, "pretrain", fake_pretrain)
     small = TinyRecipe(layers=1, steps=3)
-    assert tiny_model.recipe_cache_name() == "stdlib-tiny-v1"
+    assert tiny_model.recipe_cache_name() == "stdlib-tiny-v2"
     assert tiny_model.recipe_cache_name(small) == tiny_model.recipe_cache_name(TinyRecipe(layers=1, steps=3))
     assert tiny_model.recipe_cache_name(small) != tiny_model.recipe_cache_name(TinyRecipe(layers=1, steps=4))
     default_path = stdlib_tiny_path()
     small_path = stdlib_tiny_path(recipe=small)
-    assert default_path == tmp_path / "stdlib-tiny-v1" and small_path != default_path
+    assert default_path == tmp_path / "stdlib-tiny-v2" and small_path != default_path
     assert built == [TinyRecipe(), small]
     assert stdlib_tiny_path(recipe=small) == small_path and len(built) == 2  # cached now
     assert tiny_model.build_model(TinyRecipe(layers=1, train_seq_len=128)).config.train_seq_len == 128
+
+
+def test_default_recipe_trains_in_float32_and_is_not_served_from_a_bf16_cache(tmp_path, monkeypatch) -> None:
+    """The v1 recipe (bf16 autocast on CPU, ~8x slower there) must not be reused as the float32 default."""
+    from recon_prune import tiny_model
+
+    assert TinyRecipe().bf16 is False
+    monkeypatch.setenv("RECON_PRUNE_CACHE", str(tmp_path))
+    old = tmp_path / "stdlib-tiny-v1"  # a cache built by the bf16 recipe
+    old.mkdir()
+    for name in ("config.json", "stdlib_tiny_record.json"):
+        (old / name).write_text("{}")
+    built = []
+
+    def fake_pretrain(recipe, output_dir, **_kwargs):
+        built.append(recipe)
+        Path(output_dir).mkdir(parents=True)
+        for name in ("config.json", "stdlib_tiny_record.json"):
+            (Path(output_dir) / name).write_text("{}")
+
+    monkeypatch.setattr(tiny_model, "pretrain", fake_pretrain)
+    assert stdlib_tiny_path() != old and built == [TinyRecipe()]
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "stdlib_tiny_record.json"]  # left alone
+    assert tiny_model.recipe_cache_name(TinyRecipe(bf16=True)) != tiny_model.recipe_cache_name()
+
+
+def test_pretraining_autocasts_only_when_the_recipe_asks(tmp_path, monkeypatch) -> None:
+    from recon_prune import tiny_model
+
+    seen: list[bool] = []
+    build = tiny_model.build_model
+
+    def recording_build(recipe):
+        model = build(recipe)
+        forward = model.forward
+
+        def forward_recording_autocast(*args, **kwargs):
+            if model.training:
+                seen.append(torch.is_autocast_enabled("cpu"))
+            return forward(*args, **kwargs)
+
+        model.forward = forward_recording_autocast
+        return model
+
+    monkeypatch.setattr(tiny_model, "build_model", recording_build)
+    small = dict(layers=1, hidden=32, heads=2, intermediate=64, context=64, train_seq_len=32, batch_size=2)
+    small.update(steps=2, eval_chunks=1, warmup_steps=1)
+    pretrain(TinyRecipe(**small), tmp_path / "fp32", show_progress=False)
+    assert seen == [False, False]
+    seen.clear()
+    pretrain(TinyRecipe(**small, bf16=True), tmp_path / "bf16", show_progress=False)
+    assert seen == [True, True]

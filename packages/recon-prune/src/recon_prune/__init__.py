@@ -5,6 +5,8 @@ Reconstruction Error Minimization" (EMNLP 2024, arXiv 2406.15524).
 
 >>> from recon_prune import PruneConfig, build_calibration, prune
 >>> report = prune(model, build_calibration(tokenizer=tok, nsamples=64, seq_len=512), PruneConfig(method="sparsegpt"))
+>>> from recon_prune import oneshot  # llm-compressor's shape: prune, save, return the model
+>>> model = oneshot("stdlib-tiny", "stdlib", {"pattern": "2:4"}, output_dir="pruned")
 """
 
 __version__ = "0.1.0"
@@ -15,9 +17,16 @@ _EXPORTS = {
     "CalibrationData": "recon_prune.calibration",
     "build_calibration": "recon_prune.calibration",
     "generate_self_calibration": "recon_prune.calibration",
+    "DemoConfig": "recon_prune.config",
+    "EvalConfig": "recon_prune.config",
+    "GenerateConfig": "recon_prune.config",
     "PruneConfig": "recon_prune.config",
     "ReconstructionHParams": "recon_prune.config",
     "parse_pattern": "recon_prune.config",
+    "oneshot": "recon_prune.api",
+    "SPARSITY_RECORD_KEY": "recon_prune.deploy",
+    "sparsity_record": "recon_prune.deploy",
+    "to_semi_structured": "recon_prune.deploy",
     "prune": "recon_prune.driver",
     "heldout_ids": "recon_prune.evaluate",
     "perplexity": "recon_prune.evaluate",
@@ -53,7 +62,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "MASK_METHODS",
     "RECONSTRUCTIONS",
+    "SPARSITY_RECORD_KEY",
     "CalibrationData",
+    "DemoConfig",
+    "EvalConfig",
+    "GenerateConfig",
     "MaskMethod",
     "PruneConfig",
     "PruneReport",
@@ -68,8 +81,11 @@ __all__ = [
     "generate_self_calibration",
     "heldout_ids",
     "load_model_and_tokenizer",
+    "oneshot",
     "parse_pattern",
     "perplexity",
     "prune",
+    "sparsity_record",
     "sparsity_report",
+    "to_semi_structured",
 ]

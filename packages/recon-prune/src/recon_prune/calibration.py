@@ -4,7 +4,9 @@ Sources (combine them as a mixture by count, e.g. ``"stdlib:48,self:16"``):
 
 - ``stdlib`` (default): the train split of the shin-common standard-library corpus (offline).
 - ``file:PATH`` or an existing path: local ``.txt``/``.md``/``.jsonl`` files or directories.
-- ``wikitext2``, ``c4``: the usual Hugging Face ``datasets`` sources (network required). Calibration
+- ``wikitext2``, ``c4``, ``ptb``: the usual Hugging Face ``datasets`` sources (network or the
+  ``datasets`` cache; PTB is ``ptb_text_only``/``penn_treebank``, its sentences joined with single
+  spaces as in SparseGPT's and Shin et al.'s loaders, which the spec notes is unreliable for LLaMA-2). Calibration
   windows start at random positions of the joined training text (wikitext2 train joined with
   ``"\n\n"``; the first 20000 documents of C4's first train shard joined with ``"\n\n"``), so a
   window can span a document boundary. SparseGPT (Frantar & Alistarh 2023) instead draws a random C4
@@ -31,7 +33,7 @@ from recon_prune.model_adapter import max_positions
 
 log = logging.getLogger(__name__)
 
-ONLINE_SOURCES = ("wikitext2", "c4")
+ONLINE_SOURCES = ("wikitext2", "c4", "ptb")
 
 
 @dataclass
@@ -106,6 +108,21 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     if tokenizer is None:
         return list(text.encode("utf-8"))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens ``tokenizer(text)`` puts before the text by default: ``[bos]`` for LLaMA
+    (``<s>``) and OPT (``</s>``), nothing for GPT-2 or the byte tokenizer. SparseGPT's and Shin et
+    al.'s loaders tokenize the joined test text with these defaults, so their stream starts with it."""
+    if tokenizer is None:
+        return []
+    probe = "Hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
@@ -193,12 +210,17 @@ def source_text(name: str, split: str = "train") -> str:
             return " ".join(data[:1100]["text"])  # SparseGPT's C4 evaluation: first 1100 documents
         data = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         return "\n\n".join(data[:20000]["text"])
+    if name == "ptb":
+        from datasets import load_dataset
+
+        data = load_dataset("ptb_text_only", "penn_treebank", split="test" if split == "test" else "train")
+        return " ".join(data["sentence"])  # SparseGPT's and the authors' joining rule for PTB
     path = name[len("file:") :] if name.startswith("file:") else name
     if name.startswith("file:") or os.path.exists(path):
         corpus = TextCorpus.from_files(Path(path), validation_fraction=0.0, test_fraction=0.0)
         return corpus.text("train")
     raise ValueError(
-        f"unknown calibration source {name!r}; expected 'stdlib', 'wikitext2', 'c4', 'self', 'file:PATH' or an existing path"
+        f"unknown calibration source {name!r}; expected 'stdlib', 'wikitext2', 'c4', 'ptb', 'self', 'file:PATH' or an existing path"
     )
 
 

@@ -7,9 +7,9 @@
     recon-prune demo --output-dir out/demo
 
 ``--model`` takes ``stdlib-tiny`` (the embedded model, pretrained and cached on first use), a local
-directory or a Hugging Face Hub name. Every key of :class:`recon_prune.config.PruneConfig` can come
-from ``--config FILE.yaml`` and ``--set key=value``; the commonest have their own flags
-(``recon-prune prune --help`` lists them all). This module only parses: the work is in
+directory or a Hugging Face Hub name. Every command reads its config (:class:`recon_prune.config.PruneConfig`,
+``EvalConfig``, ``GenerateConfig``, ``DemoConfig``) from ``--config FILE.yaml`` and ``--set key=value``;
+the commonest keys have their own flags (``recon-prune COMMAND --help`` lists every key). This module only parses: the work is in
 :mod:`recon_prune.runs` and the demo in :mod:`recon_prune.experiments`.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recon_prune import __version__
-from recon_prune.config import PRESETS, PruneConfig
+from recon_prune.config import PRESETS, DemoConfig, EvalConfig, GenerateConfig, PruneConfig
 from recon_prune.methods import MASK_METHODS, RECONSTRUCTIONS
 from shin_common import add_config_options, run_command
 
@@ -55,7 +55,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         default="stdlib",
-        help="source or mixture by count: stdlib, wikitext2, c4, file:PATH, self; e.g. 'stdlib:48,self:16' (default: stdlib)",
+        help="source or mixture by count: stdlib, wikitext2, c4, ptb, file:PATH, self; e.g. 'stdlib:48,self:16' (default: stdlib)",
     )
     parser.add_argument(
         "--self-generated", type=int, default=0, help="extra self-generated samples for reconstruction (default: 0)"
@@ -77,16 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--checkpoint-dir", type=Path, help="resume a killed run from here (per-block checkpoints)")
     prune.add_argument(
-        "--eval", default="stdlib", help="held-out text for perplexity: stdlib, wikitext2, c4, file:PATH or none"
+        "--eval", default="stdlib", help="held-out text for perplexity: stdlib, wikitext2, c4, ptb, file:PATH or none"
     )
     prune.add_argument("--eval-chunks", type=int, help=_CHUNKS_HELP)
     prune.add_argument("--eval-seq-len", type=int, help=_EVAL_SEQ_HELP)
 
     ev = sub.add_parser("eval", help="perplexity (and optional zero-shot tasks) of a model")
     ev.add_argument("--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name")
-    ev.add_argument(
-        "--dataset", default="stdlib", help="stdlib (test split), wikitext2, c4, or file:PATH (default: stdlib)"
-    )
+    add_config_options(ev, EvalConfig)
+    ev.add_argument("--dataset", help="stdlib (test split), wikitext2, c4, ptb, or file:PATH (default: stdlib)")
     ev.add_argument("--seq-len", type=int, help=_EVAL_SEQ_HELP)
     ev.add_argument("--max-chunks", type=int, help=_CHUNKS_HELP)
     ev.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs the lm-eval extra and network)")
@@ -94,27 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate-calibration", help="self-generate calibration text with a dense model (JSONL)")
     gen.add_argument("--model", default="stdlib-tiny", help="stdlib-tiny, a local directory or a Hub name")
+    add_config_options(gen, GenerateConfig)
     gen.add_argument("--output", type=Path, required=True, help="JSONL file to write (one {'text': ...} per line)")
-    gen.add_argument("--count", type=int, default=16, help="number of sequences (default: 16)")
-    gen.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    gen.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    gen.add_argument("--count", type=int, help="number of sequences (default: 16)")
+    gen.add_argument("--seq-len", type=int, help="tokens per sequence (default: 256)")
+    gen.add_argument("--seed", type=int, help="seed (default: 0)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     demo = sub.add_parser(
         "demo", help="prune stdlib-tiny to 50%% with SparseGPT and Wanda under none/LR/BR/BR+GP/BR+GP+CR"
     )
+    add_config_options(demo, DemoConfig)
     demo.add_argument("--output-dir", type=Path, required=True, help="where the table, results JSON and plot go")
     demo.add_argument(
         "--overwrite", action="store_true", help="replace the run in the output directory (only the files it wrote)"
     )
     demo.add_argument("--model", default="stdlib-tiny", help=argparse.SUPPRESS)
-    demo.add_argument("--nsamples", type=int, default=32, help="calibration samples (default: 32)")
-    demo.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default: 256)")
-    demo.add_argument("--eval-chunks", type=int, default=64, help="held-out chunks of 256 bytes (default: 64)")
+    demo.add_argument("--nsamples", type=int, help="calibration samples (default: 32)")
+    demo.add_argument("--seq-len", type=int, help="calibration sequence length (default: 256)")
+    demo.add_argument("--eval-chunks", type=int, help="held-out chunks of 256 bytes (default: 64)")
     demo.add_argument(
         "--self-generated",
         type=int,
-        default=32,
         help="add a SparseGPT BR+GP+CR run with this many self-generated samples; 0 skips it (default: 32)",
     )
     return parser

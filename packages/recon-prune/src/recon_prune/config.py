@@ -265,3 +265,86 @@ class PruneConfig:
             weight_decay=float(self.weight_decay if self.weight_decay is not None else 0.0),
             grad_clip=float(self.grad_clip if self.grad_clip is not None else 1000.0),
         )
+
+
+def _check_count_key(config: object, key: str, *, minimum: int, optional: bool = False) -> None:
+    """An integer key of at least ``minimum``; the message names the flag and the config key."""
+    value = getattr(config, key)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = {0: "0 or a positive integer", 1: "a positive integer"}.get(minimum, f"at least {minimum}")
+        raise ValueError(f"--{key.replace('_', '-')} must be {expected}, got {value!r} (config key {key})")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """What ``recon-prune eval`` measures.
+
+    Attributes:
+        dataset: held-out text: ``stdlib`` (test split), ``wikitext2``, ``c4``, ``ptb`` or ``file:PATH``.
+            (Default: stdlib)
+        seq_len: perplexity chunk length in tokens; unset, the model's recorded pretraining window,
+            else its context capped at 4096. (Default: None)
+        max_chunks: evaluate at most this many chunks; unset, the whole wikitext2/PTB test set or file,
+            256 chunks of C4 (SparseGPT/Wanda), 64 of the stdlib test split. (Default: None)
+        tasks: lm-evaluation-harness zero-shot tasks (needs the ``lm-eval`` extra). (Default: none)
+    """
+
+    dataset: str = "stdlib"
+    seq_len: int | None = None
+    max_chunks: int | None = None
+    tasks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ValueError(f"dataset must be a source name such as 'stdlib' or 'file:PATH', got {self.dataset!r}")
+        _check_count_key(self, "seq_len", minimum=2, optional=True)
+        _check_count_key(self, "max_chunks", minimum=1, optional=True)
+        self.tasks = tuple(task.strip() for task in self.tasks if task.strip())
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """What ``recon-prune generate-calibration`` samples from the dense model.
+
+    Attributes:
+        count: number of sequences. (Default: 16)
+        seq_len: tokens per sequence, at least 6 (each starts from a 5-token prefix). (Default: 256)
+        seed: seeds the sampling. (Default: 0)
+    """
+
+    count: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count_key(self, "count", minimum=1)
+        _check_count_key(self, "seq_len", minimum=6)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r} (config key seed)")
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """The setting of ``recon-prune demo`` (50% unstructured, SparseGPT and Wanda, every reconstruction).
+
+    Attributes:
+        nsamples: calibration samples from the stdlib train split. (Default: 32)
+        seq_len: calibration sequence length in tokens (at least 6 with self-generated samples, whose
+            text starts from a 5-token prefix; else at least 2). (Default: 256)
+        eval_chunks: held-out chunks of the stdlib test split. (Default: 64)
+        self_generated: add a SparseGPT BR+GP+CR run with this many self-generated samples; 0 skips
+            it. (Default: 32)
+    """
+
+    nsamples: int = 32
+    seq_len: int = 256
+    eval_chunks: int = 64
+    self_generated: int = 32
+
+    def __post_init__(self) -> None:
+        _check_count_key(self, "nsamples", minimum=1)
+        _check_count_key(self, "eval_chunks", minimum=1)
+        _check_count_key(self, "self_generated", minimum=0)
+        _check_count_key(self, "seq_len", minimum=6 if self.self_generated else 2)

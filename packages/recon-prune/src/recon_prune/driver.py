@@ -39,6 +39,7 @@ from torch import nn
 from recon_prune.calibration import CalibrationData, as_calibration
 from recon_prune.checkpoint import Checkpoint, baked_state, block_state, fingerprint
 from recon_prune.config import DENSE_BLOCK_ON_RECONSTRUCTED, DENSE_WINDOW, PruneConfig, ReconstructionHParams
+from recon_prune.deploy import attach_sparsity_record
 from recon_prune.evaluate import sparsity_report
 from recon_prune.methods import BLOCK_TARGET, DENSE_PATH_TARGET, MaskMethod
 from recon_prune.model_adapter import (
@@ -444,5 +445,6 @@ def prune(
             block_callback(i, report)
     report.sparsity = sparsity_report(model)
     _warn_left_dense(report.sparsity["dense"])
+    attach_sparsity_record(model, report)  # config.json then says what was done (docs: the sparsity record)
     report.elapsed_s = time.perf_counter() - started
     return report

@@ -92,10 +92,14 @@ def perplexity(
 
 
 def heldout_ids(source: str, tokenizer: Any) -> torch.Tensor:
-    """Token ids of the held-out text of ``source``: ``stdlib`` (test split), ``wikitext2``, ``c4``, or a file."""
-    from recon_prune.calibration import encode, source_text
+    """Token ids of the held-out text of ``source``: ``stdlib`` (test split), ``wikitext2``, ``c4``,
+    ``ptb``, or a file; the stream starts with the tokens the tokenizer puts before a text by default
+    (BOS for LLaMA and OPT, none for GPT-2 and the byte tokenizer), as in SparseGPT's and Shin et
+    al.'s evaluation, which tokenize the joined test text with the tokenizer's defaults."""
+    from recon_prune.calibration import encode, leading_special_ids, source_text
 
-    return torch.tensor(encode(tokenizer, source_text(source, "test")), dtype=torch.long)
+    ids = leading_special_ids(tokenizer) + encode(tokenizer, source_text(source, "test"))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 # Why a weight matrix of a block is left dense, by kind (docs/recon-prune.md, Limits: mixture-of-experts).

@@ -11,12 +11,13 @@ import copy
 import time
 from typing import Any
 
-from recon_prune.config import PruneConfig
+import shin_common
+from recon_prune.config import DemoConfig, PruneConfig
 from recon_prune.model_source import resolve_model_source
 from recon_prune.outputs import PACKAGES, TOOL
 from recon_prune.plots import block_error_title, plot_into_run
-from recon_prune.runs import check_count, check_positive, heldout_perplexity, load_model, report_finished
-from shin_common import RunDirectory
+from recon_prune.runs import heldout_perplexity, load_model, report_finished
+from shin_common import RunDirectory, config_to_dict
 from shin_common.files import write_text_atomic
 
 DEMO_METHODS = ("sparsegpt", "wanda")
@@ -122,22 +123,17 @@ def demo_table(rows: list[dict[str, Any]], dense: dict[str, Any], *, nsamples: i
     return "\n".join(lines)
 
 
+def demo_config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """``recon-prune demo``'s config: defaults < ``--config`` < named flags < ``--set``."""
+    named = {key: getattr(args, key) for key in ("nsamples", "seq_len", "eval_chunks", "self_generated")}
+    return shin_common.config_from_args(DemoConfig, args, named=named)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``recon-prune demo``: the table, ``results.json`` and the error plot in ``--output-dir``."""
-    check_positive(args.nsamples, "--nsamples")
-    check_positive(args.eval_chunks, "--eval-chunks")
-    check_count(args.self_generated, "--self-generated")
-    minimum = 6 if args.self_generated else 2  # self-generated text starts from a 5-token prefix
-    if args.seq_len < minimum:
-        raise ValueError(f"--seq-len must be at least {minimum} tokens, got {args.seq_len}")
+    config = demo_config_from_args(args)
     model_source = resolve_model_source(args.model)
-    identity = {
-        "model": model_source,
-        "nsamples": args.nsamples,
-        "seq_len": args.seq_len,
-        "eval_chunks": args.eval_chunks,
-        "self_generated": args.self_generated,
-    }
+    identity = {"model": model_source, **config_to_dict(config)}
     run = RunDirectory(args.output_dir, tool=TOOL, config=identity, overwrite=args.overwrite, command="demo")
     if run.finished:
         return report_finished(run, "demo")
@@ -148,23 +144,25 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
     print(f"model ready after {time.perf_counter() - started:.0f} s")
-    calibration = build_calibration("stdlib", tokenizer=tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=0)
+    calibration = build_calibration(
+        "stdlib", tokenizer=tokenizer, nsamples=config.nsamples, seq_len=config.seq_len, seed=0
+    )
     eval_len = default_eval_seq_len(model)  # stdlib-tiny: its 256-byte pretraining window
-    dense = heldout_perplexity(model, tokenizer, "stdlib", eval_len, args.eval_chunks)
+    dense = heldout_perplexity(model, tokenizer, "stdlib", eval_len, config.eval_chunks)
     rows, errors = demo_runs(
         model,
         tokenizer,
         calibration,
         eval_len=eval_len,
-        eval_chunks=args.eval_chunks,
-        self_generated=args.self_generated,
+        eval_chunks=config.eval_chunks,
+        self_generated=config.self_generated,
     )
-    table = demo_table(rows, dense, nsamples=args.nsamples, seq_len=args.seq_len, eval_len=eval_len)
+    table = demo_table(rows, dense, nsamples=config.nsamples, seq_len=config.seq_len, eval_len=eval_len)
     print()
     print(table)
     run.begin()
     write_text_atomic(run.file("demo_table.md"), table + "\n")
-    data = f"{args.nsamples} x {args.seq_len} stdlib tokens"
+    data = f"{config.nsamples} x {config.seq_len} stdlib tokens"
     plot_into_run(run, errors, title=block_error_title(args.model, f"{100 * DEMO_SPARSITY:g}% unstructured", data))
     run.finish(
         metrics={"dense": dense, "runs": rows, "total_seconds": time.perf_counter() - started},

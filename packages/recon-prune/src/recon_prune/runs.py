@@ -18,7 +18,7 @@ from typing import Any
 
 import shin_common
 from recon_prune import outputs
-from recon_prune.config import PruneConfig
+from recon_prune.config import EvalConfig, GenerateConfig, PruneConfig
 from recon_prune.model_source import resolve_model_source
 from recon_prune.outputs import TOOL, check_output_file
 from recon_prune.plots import block_error_title
@@ -56,6 +56,19 @@ NAMED_FLAGS = (
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """Defaults < ``--config`` < the named flags given < ``--set`` (a key given twice is refused)."""
     return shin_common.config_from_args(PruneConfig, args, named={key: getattr(args, key) for key in NAMED_FLAGS})
+
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """``recon-prune eval``'s config, by the same grammar as :func:`config_from_args`."""
+    tasks = tuple(args.tasks.split(",")) if args.tasks is not None else None
+    named = {"dataset": args.dataset, "seq_len": args.seq_len, "max_chunks": args.max_chunks, "tasks": tasks}
+    return shin_common.config_from_args(EvalConfig, args, named=named)
+
+
+def generate_config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """``recon-prune generate-calibration``'s config, by the same grammar as :func:`config_from_args`."""
+    named = {"count": args.count, "seq_len": args.seq_len, "seed": args.seed}
+    return shin_common.config_from_args(GenerateConfig, args, named=named)
 
 
 def load_model(model_name: str) -> tuple[Any, Any]:
@@ -247,12 +260,9 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
-    if tasks:  # before the model is loaded and perplexity computed, not after
+    config = eval_config_from_args(args)
+    if config.tasks:  # before the model is loaded and perplexity computed, not after
         require_extra("lm_eval", install="recon-prune[lm-eval]", purpose="--tasks")
-    check_positive(args.max_chunks, "--max-chunks")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     if args.output is not None:
         check_output_file(args.output, "--output")
     resolve_model_source(args.model)
@@ -261,35 +271,34 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     seq_len, max_chunks = eval_settings(
-        model, args.dataset, args.seq_len, args.max_chunks, seq_flag="--seq-len", chunks_flag="--max-chunks"
+        model, config.dataset, config.seq_len, config.max_chunks, seq_flag="--seq-len", chunks_flag="--max-chunks"
     )
-    result: dict[str, Any] = {"perplexity": heldout_perplexity(model, tokenizer, args.dataset, seq_len, max_chunks)}
+    result: dict[str, Any] = {"perplexity": heldout_perplexity(model, tokenizer, config.dataset, seq_len, max_chunks)}
     result["sparsity"] = sparsity_report(model)
-    if tasks:
-        result["zero_shot"] = zero_shot(model, tokenizer, tasks)
+    if config.tasks:
+        result["zero_shot"] = zero_shot(model, tokenizer, list(config.tasks))
     print(
-        f"{args.model}: perplexity {result['perplexity']['perplexity']:.4f} on {args.dataset} "
+        f"{args.model}: perplexity {result['perplexity']['perplexity']:.4f} on {config.dataset} "
         f"({result['perplexity']['chunks']} chunks of {seq_len}); sparsity {result['sparsity']['overall']:.4f}"
     )
     if args.output is not None:
-        config = {k: v for k, v in vars(args).items() if k not in ("debug", "output")}
-        write_run_record(args.output, config=config, metrics=result, package=TOOL)
+        record = {"model": args.model, **config_to_dict(config)}
+        write_run_record(args.output, config=record, metrics=result, package=TOOL)
     return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    config = generate_config_from_args(args)
     check_output_file(args.output, "--output")  # a directory is refused even with --overwrite
     if args.output.exists() and not args.overwrite:
         raise ValueError(f"output file {str(args.output)!r} exists; pass --overwrite to replace it")
-    if args.count < 1 or args.seq_len < 6:
-        raise ValueError(f"need --count >= 1 and --seq-len >= 6, got {args.count} and {args.seq_len}")
     resolve_model_source(args.model)
 
     from recon_prune.calibration import decode, generate_self_calibration
 
     model, tokenizer = load_model(args.model)
-    ids = generate_self_calibration(model, tokenizer, args.count, args.seq_len, seed=args.seed)
+    ids = generate_self_calibration(model, tokenizer, config.count, config.seq_len, seed=config.seed)
     lines = [json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n" for row in ids.tolist()]
     write_text_atomic(args.output, "".join(lines))
-    print(f"wrote {args.count} self-generated sequences of {args.seq_len} tokens to {args.output}")
+    print(f"wrote {config.count} self-generated sequences of {config.seq_len} tokens to {args.output}")
     return 0
