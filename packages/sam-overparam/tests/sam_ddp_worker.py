@@ -74,6 +74,7 @@ def worker(rank: int, out_dir: str, port: int) -> None:
         unwrapped = accelerator.unwrap_model(model)
         results[mode] = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     results["amp_overflow"] = amp_overflow_run(accelerator, rank, x[shard], y[shard], SAM)
+    results["all_reduces_per_step"] = count_all_reduces(accelerator, x[shard], y[shard], SAM)
     gathered = [None] * WORLD_SIZE
     torch.distributed.all_gather_object(gathered, results["amp_overflow"])
     results["amp_overflow_all_ranks"] = gathered
@@ -104,6 +105,50 @@ def amp_overflow_run(accelerator, rank: int, x: torch.Tensor, y: torch.Tensor, s
         scales.append(float(scaler.get_scale()))
     params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     return {"params": params, "scales": scales, "closure_calls": calls["n"]}
+
+
+def count_all_reduces(accelerator, x: torch.Tensor, y: torch.Tensor, sam_class) -> dict:
+    """All-reduces of gradients per SAM step: DDP's bucket reductions (a comm hook sees each) and
+    any ``torch.distributed.all_reduce`` issued from Python outside the hook, for ``step`` and for
+    ``step_chunked`` with four chunks per device."""
+    plain_all_reduce = torch.distributed.all_reduce
+    counts: dict = {}
+
+    def counted_all_reduce(*args, **kwargs):
+        counts["python"][-1] += 1
+        return plain_all_reduce(*args, **kwargs)
+
+    def counted_hook(state, bucket):
+        # the average DDP's default hook takes, with the unpatched all_reduce so it counts once
+        counts["bucket"][-1] += 1
+        tensor = bucket.buffer().div_(torch.distributed.get_world_size())
+        return plain_all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    results = {}
+    torch.distributed.all_reduce = counted_all_reduce
+    try:
+        for mode in ("step", "chunked"):
+            model = accelerator.prepare(build_model())
+            model.register_comm_hook(None, counted_hook)
+            opt = sam_class(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model)
+
+            def closure(chunk=(x, y), model=model):
+                loss = F.cross_entropy(model(chunk[0]), chunk[1])
+                loss.backward()
+                return loss
+
+            counts.update(bucket=[], python=[])
+            for _ in range(2):
+                counts["bucket"].append(0)
+                counts["python"].append(0)
+                if mode == "step":
+                    opt.step(closure)
+                else:
+                    opt.step_chunked(closure, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)], [0.25] * 4)
+            results[mode] = {key: list(value) for key, value in counts.items()}
+    finally:
+        torch.distributed.all_reduce = plain_all_reduce
+    return results
 
 
 if __name__ == "__main__":

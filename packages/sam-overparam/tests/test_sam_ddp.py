@@ -90,6 +90,13 @@ def test_ddp_amp_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results):
             torch.testing.assert_close(result["params"][name], value.detach(), rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_one_gradient_all_reduce_per_step_also_with_m_sharpness_chunks(ddp_results):
+    # The tiny model's gradients fit in one DDP bucket: one all-reduce per step whatever the chunk
+    # count (each chunk's perturbed pass used to all-reduce: four per step here), and none besides.
+    for mode in ("step", "chunked"):
+        assert ddp_results["all_reduces_per_step"][mode] == {"bucket": [1, 1], "python": [0, 0]}, mode
+
+
 def test_per_device_perturbation_differs_from_global_one():
     # Negative control for the test above: one perturbation from the global batch gives another
     # update, so agreement there is not automatic.

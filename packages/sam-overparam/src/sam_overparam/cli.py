@@ -8,6 +8,12 @@ Commands (each takes ``--config FILE`` and repeatable ``--set key=value``; ``--h
   directory and config (:func:`sam_overparam.runs.train_in_directory`).
 * ``analyze`` -- Hessian analysis of a trained model (top eigenvalue, trace, tr(H^k), moment
   non-uniformity, SAM/SGD linear stability, spectral density; :mod:`sam_overparam.analysis`).
+* ``sweep``   -- a grid of training runs (model family x width or parameter budget x optimizer x
+  rho x seed x label noise x sparsity) appended to one results store; a rerun trains only what is
+  missing, and N processes started by ``torchrun`` or ``accelerate launch`` share the grid without
+  duplicates (:mod:`sam_overparam.sweep`).
+* ``plot``    -- the standard figures of a sweep's store: the gain over SGD against the parameter
+  count with bands over seeds, at each rho and at the best rho, and the best rho against the width.
 * ``demo``    -- a small width sweep, SGD against SAM on mnist1d over several seeds, with a plot
   of SAM's gain against the parameter count (Shin et al., Fig. 1, at CPU scale;
   :mod:`sam_overparam.experiments`).
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sam_overparam import __version__
-from sam_overparam.config import QUICK_DEMO, AnalysisConfig, DemoConfig, TrainConfig
+from sam_overparam.config import QUICK_DEMO, AnalysisConfig, DemoConfig, PlotConfig, SweepConfig, TrainConfig
 from sam_overparam.registries import MODELS, OPTIMIZERS
 from shin_common import add_config_options, config_from_args, load_config, run_command
 
@@ -69,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--lanczos-steps", type=int, help="Lanczos steps (default: 30)")
     analyze.add_argument("--density-probes", type=int, help="SLQ probes (default: 2)")
     analyze.add_argument("--seed", type=int, help="probe seed (default: 0)")
+
+    sweep = sub.add_parser("sweep", help="train a grid of runs into one results store (resumable, sharded)")
+    add_config_options(sweep, SweepConfig)
+    sweep.add_argument("--store", type=Path, required=True, help="the results store, a .jsonl file (appended to)")
+    sweep.add_argument("--widths", type=int, nargs="+", help="widths (default: 16 64 256)")
+    sweep.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2 3 4)")
+    sweep.add_argument("--rhos", type=float, nargs="+", help="SAM radii (default: 0.05)")
+
+    plot = sub.add_parser("plot", help="draw the standard figures of a sweep's results store")
+    add_config_options(plot, PlotConfig)
+    plot.add_argument("--store", type=Path, required=True, help="the results store written by `sweep`")
+    plot.add_argument("--output-dir", type=Path, required=True, help="where the figures and results.json go")
 
     demo = sub.add_parser("demo", help="width sweep SGD vs SAM on mnist1d with a gain plot")
     add_config_options(demo, DemoConfig)
@@ -140,6 +158,29 @@ def _analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_command(args: argparse.Namespace) -> int:
+    from sam_overparam.sweep import run_sweep_share
+
+    sweep = config_from_args(SweepConfig, args, named={"widths": args.widths, "seeds": args.seeds, "rhos": args.rhos})
+    report = run_sweep_share(sweep, args.store)
+    print(
+        f"rank {report.rank} of {report.world_size}: {report.share} runs in this share, "
+        f"{report.finished_before} finished before, {report.trained} trained in {report.seconds:.0f} s -> {args.store}"
+    )
+    return 0
+
+
+def _plot_command(args: argparse.Namespace) -> int:
+    from sam_overparam.sweep import plot_store
+
+    outcome = plot_store(args.store, args.output_dir, config_from_args(PlotConfig, args))
+    print(
+        f"{outcome.metrics['records']} runs, {len(outcome.metrics['gains'])} paired cells -> "
+        f"{', '.join(outcome.metrics['figures'])} in {outcome.path}"
+    )
+    return 0
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from sam_overparam.experiments import run_demo
 
@@ -174,8 +215,14 @@ def _demo_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(
         build_parser(),
-        {"train": _train_command, "analyze": _analyze_command, "demo": _demo_command},
+        {
+            "train": _train_command,
+            "analyze": _analyze_command,
+            "sweep": _sweep_command,
+            "plot": _plot_command,
+            "demo": _demo_command,
+        },
         argv,
-        # train resumes from its checkpoint, demo from its sweep.jsonl
-        resumable={"train", "demo"},
+        # train resumes from its checkpoint, demo and sweep from their stores
+        resumable={"train", "demo", "sweep"},
     )

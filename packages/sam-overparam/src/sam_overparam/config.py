@@ -1,4 +1,5 @@
-"""Validated configs of the three commands: a training run, a Hessian analysis, the width-sweep demo.
+"""Validated configs of the commands: a training run, a Hessian analysis, the width-sweep demo, a
+sharded sweep over a grid of runs and its figures.
 
 Every field can be set from a YAML/JSON file (``--config``) or ``--set key=value``; a bad value
 raises ``ValueError`` naming the field and what was expected.
@@ -6,8 +7,8 @@ raises ``ValueError`` naming the field and what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from sam_overparam.registries import MODELS, OPTIMIZERS
 
@@ -135,6 +136,69 @@ class DemoConfig:
                 (0 <= self.label_noise <= 1, "label_noise", self.label_noise, "in [0, 1]"),
             ]
         )
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """A grid of training runs: every combination of the lists below becomes one :class:`TrainConfig`.
+
+    ``models`` are the families ``mlp`` (hidden widths ``[w, w // 3]``) and ``resnet`` (``w``
+    first-stage filters). ``rhos`` apply to SAM-type optimizers; an optimizer that is not a
+    :class:`~sam_overparam.optim.SAM` (``sgd``) runs once per cell, with ``rho=0``. With
+    ``param_budgets`` the width axis is the budgets instead of ``widths``: for each sparsity the width
+    whose effective parameter count is closest to the budget (:func:`~sam_overparam.budget.width_for_budget`).
+    ``train`` holds the :class:`TrainConfig` fields shared by every run (``epochs``, ``num_train`` ...).
+    """
+
+    models: list[str] = field(default_factory=lambda: ["mlp"])
+    widths: list[int] = field(default_factory=lambda: [16, 64, 256])
+    param_budgets: list[int] = field(default_factory=list)
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "sam"])
+    rhos: list[float] = field(default_factory=lambda: [0.05])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    label_noise: list[float] = field(default_factory=lambda: [0.0])
+    sparsity: list[float] = field(default_factory=lambda: [0.0])
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def listed(values: list[Any]) -> bool:
+            return bool(values) and len(set(map(str, values))) == len(values)
+
+        _check(
+            [
+                (listed(self.models) and all(m in ("mlp", "resnet") for m in self.models), "models", self.models,
+                 "a non-empty list of distinct families from mlp, resnet"),
+                (listed(self.widths) and min(self.widths) >= 1, "widths", self.widths, "distinct widths >= 1"),
+                (not self.param_budgets or (listed(self.param_budgets) and min(self.param_budgets) >= 1),
+                 "param_budgets", self.param_budgets, "distinct parameter counts >= 1, or []"),
+                (listed(self.optimizers) and all(o in OPTIMIZERS for o in self.optimizers), "optimizers",
+                 self.optimizers, f"a non-empty list of distinct names from {', '.join(OPTIMIZERS.names())}"),
+                (listed(self.rhos) and min(self.rhos) >= 0, "rhos", self.rhos, "distinct values >= 0"),
+                (listed(self.seeds), "seeds", self.seeds, "a non-empty list of distinct seeds"),
+                (listed(self.label_noise) and all(0 <= v <= 1 for v in self.label_noise), "label_noise",
+                 self.label_noise, "distinct fractions in [0, 1]"),
+                (listed(self.sparsity) and all(0 <= v < 1 for v in self.sparsity), "sparsity", self.sparsity,
+                 "distinct fractions in [0, 1)"),
+            ]
+        )  # fmt: skip
+        varied = {"model", "widths", "filters", "optimizer", "rho", "seed", "label_noise", "sparsity"}
+        clashing = sorted(varied & set(self.train))
+        if clashing:
+            raise ValueError(f"train sets {', '.join(clashing)}, which the grid varies; use the grid's lists")
+        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"train has unknown TrainConfig field(s) {', '.join(unknown)}")
+
+
+@dataclass(kw_only=True)
+class PlotConfig:
+    """What ``plot`` draws from a sweep's store: each optimizer's gain over ``baseline``, paired by seed."""
+
+    baseline: str = "sgd"  # the optimizer every other one is compared with
+    metric: Literal["best_test", "final_test"] = "best_test"  # best over epochs (the paper) or last epoch
+
+    def __post_init__(self) -> None:
+        _check([(bool(self.baseline), "baseline", self.baseline, "an optimizer name")])
 
 
 # ``demo --quick``: a seconds-long smoke run (applied under --config, the flags and --set)

@@ -393,8 +393,13 @@ def hutchinson_trace(
         raise ValueError(f"num_probes must be >= 1 or None, got {num_probes}")
     dtype, device = _vector_options(matvec, dim, dtype, device)
     samples = torch.stack([torch.dot(z, matvec(z).to(z)) for z in _probes(dim, num_probes, seed, dtype, device)])
-    if num_probes is None:
-        return TraceEstimate(value=float(samples.sum()), stderr=0.0, num_probes=dim)
+    return _trace_estimate(samples, exact=num_probes is None)
+
+
+def _trace_estimate(samples: torch.Tensor, *, exact: bool) -> TraceEstimate:
+    """The estimate from the probes' ``z^T A z``: their sum over the standard basis when ``exact``."""
+    if exact:
+        return TraceEstimate(value=float(samples.sum()), stderr=0.0, num_probes=len(samples))
     stderr = float(samples.std() / math.sqrt(len(samples))) if len(samples) > 1 else float("nan")
     return TraceEstimate(value=float(samples.mean()), stderr=stderr, num_probes=len(samples))
 
@@ -402,18 +407,26 @@ def hutchinson_trace(
 def trace_of_powers(
     operator: HessianOperator, powers: Sequence[int] = (1, 2, 3, 4), *, num_probes: int | None = 100, seed: int = 0
 ) -> dict[int, TraceEstimate]:
-    """``tr(H^k)`` for each ``k`` (Hutchinson on ``H^k``, the same probes for every ``k``)."""
-    return {
-        k: hutchinson_trace(
-            lambda v, k=k: operator.power_matvec(v, k),
-            operator.dim,
-            num_probes=num_probes,
-            seed=seed,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
-        for k in powers
-    }
+    """``tr(H^k)`` for each ``k`` by Hutchinson, the same probes for every ``k``.
+
+    ``H`` is symmetric, so with ``u_j = H^j z`` a probe's ``z^T H^k z`` is ``||u_{k/2}||^2`` for
+    even ``k`` and ``u_{(k-1)/2}^T u_{(k+1)/2}`` for odd ``k``: one chain ``z, Hz, ..., H^c z`` with
+    ``c = ceil(max k / 2)`` Hessian-vector products per probe serves every power (``k`` products
+    for each power before). ``num_probes=None`` gives exact traces (standard basis probes).
+    """
+    if any(k < 1 for k in powers):
+        raise ValueError(f"powers must be >= 1, got {', '.join(str(k) for k in powers if k < 1)}")
+    if num_probes is not None and num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1 or None, got {num_probes}")
+    depth = max((k + 1) // 2 for k in powers) if powers else 0
+    samples: dict[int, list[torch.Tensor]] = {k: [] for k in powers}
+    for z in _probes(operator.dim, num_probes, seed, operator.dtype, operator.device):
+        chain = [z]
+        for _ in range(depth):
+            chain.append(operator.matvec(chain[-1]))
+        for k in powers:
+            samples[k].append(torch.dot(chain[k // 2], chain[k - k // 2]))
+    return {k: _trace_estimate(torch.stack(values), exact=num_probes is None) for k, values in samples.items()}
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,10 @@
 """Sharpness-aware minimization: the :class:`SAM` optimizer (SAM, ASAM, USAM) and the helpers around its step.
 
-``sam.py`` holds the algorithm; ``amp.py`` (GradScaler), ``distributed.py`` (DDP), ``msharpness.py``
-(per-chunk perturbations) and ``batchnorm.py`` (frozen running statistics) what surrounds a step.
+``sam.py`` holds the algorithm; around it: ``groups.py`` (checking and completing parameter groups,
+who applies the weight decay), ``asam.py`` (ASAM's rescaling and which parameters it applies to),
+``fresh_gradients.py`` (telling davda54/sam's ``loss.backward(); step(closure)`` form apart),
+``amp.py`` (GradScaler), ``distributed.py`` (DDP), ``msharpness.py`` (per-chunk perturbations) and
+``batchnorm.py`` (frozen running statistics).
 """
 
 from sam_overparam.optim.batchnorm import frozen_batchnorm_stats

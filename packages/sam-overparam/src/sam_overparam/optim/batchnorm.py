@@ -1,34 +1,45 @@
-"""BatchNorm around SAM's perturbed pass: normalise with batch statistics, leave running statistics alone."""
+"""Normalisation layers around SAM's perturbed pass: normalise as usual, leave running statistics alone."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 __all__ = ["frozen_batchnorm_stats"]
 
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
 
 @contextlib.contextmanager
 def frozen_batchnorm_stats(model: nn.Module | None) -> Iterator[None]:
-    """Within the block, BatchNorm layers in training mode normalise with batch statistics but
-    leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+    """Within the block, every normalisation layer with running statistics (BatchNorm, SyncBatchNorm,
+    InstanceNorm with ``track_running_stats=True``: any ``_NormBase``) normalises exactly as it
+    would outside, but its ``running_mean``, ``running_var`` and ``num_batches_tracked`` are the
+    same after the block as before.
 
-    Setting ``momentum = 0`` (the davda54/sam recipe) still increments ``num_batches_tracked``
-    and breaks ``momentum=None`` (cumulative averaging); turning ``track_running_stats`` off for
-    the duration makes ``torch.nn.functional.batch_norm`` receive no running buffers at all.
+    The statistics of layers in training mode are copied before the block and copied back after
+    it (layers in eval mode do not update them). Neither flag trick covers every layer: setting
+    ``momentum = 0`` (the davda54/sam recipe) still increments ``num_batches_tracked`` and breaks
+    ``momentum=None`` (cumulative averaging); turning ``track_running_stats`` off works for
+    BatchNorm but not for InstanceNorm, which hands its buffers to ``instance_norm`` whatever the
+    flag, and which in eval mode would then normalise with the instance's statistics instead.
     """
     if model is None:
         yield
         return
-    changed = []
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            changed.append(module)
-            module.track_running_stats = False
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training:
+            for name in _RUNNING_STATISTICS:
+                buffer = getattr(module, name, None)
+                if isinstance(buffer, torch.Tensor) and not isinstance(buffer, nn.parameter.UninitializedBuffer):
+                    saved.append((buffer, buffer.detach().clone()))
     try:
         yield
     finally:
-        for module in changed:
-            module.track_running_stats = True
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
