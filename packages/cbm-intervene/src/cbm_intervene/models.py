@@ -8,7 +8,8 @@ by Shin et al. (ICML 2023, Sec. 4.3):
 - JNT: end to end with ``CE(f(logits), y) + lambda * sum_k BCE(logit_k, c_k)``.
 - JNT+P: joint, but f reads the sigmoid probabilities (a probability bottleneck).
 
-Each stage stops early on its validation loss and keeps the best weights; with ``checkpoint_dir``
+Each stage stops early on its validation loss (or accuracy: ``TrainConfig.select_best_by``, set by the
+authors' recipe, ``TrainConfig(recipe="authors")``) and keeps the best weights; with ``checkpoint_dir``
 the best state of every stage is saved to disk, and about every second a progress file
 (``<stage>.progress.pt``: weights, optimizer and random generator states, early-stopping counters)
 from which ``train_cbm(..., resume=True)`` continues an interrupted run exactly where it stopped.
@@ -45,6 +46,7 @@ from shin_common import CorruptFileError, Registry, load_torch, save_torch_atomi
 # re-exported here, where they were first published
 __all__ = [
     "BOTTLENECK_KIND",
+    "RECIPES",
     "STRATEGIES",
     "TRAINING_STRATEGIES",
     "ConceptBottleneckModel",
@@ -55,7 +57,11 @@ __all__ = [
     "TrainingStrategy",
     "check_module_widths",
     "checkpoint_files",
+    "concept_imbalance_weights",
+    "concept_loss",
     "fit",
+    "joint_loss",
+    "learning_rate_at",
     "load_cbm",
     "mlp",
     "mlp_sizes",
@@ -85,24 +91,93 @@ TRAINING_STRATEGIES: Registry[TrainingStrategy] = Registry("training strategy")
 STRATEGIES = TRAINING_STRATEGIES
 
 
+#: Training recipes by name: the value each gives to the keys of :class:`TrainConfig` left unset (None).
+#: ``package``: Adam, unweighted BCE, early stopping on the validation loss (small and fast on CPUs).
+#: ``authors``: the recipe of the authors' training script (``ssbin4/Closer-Intervention-CBM``,
+#: ``SYNTHETIC/train.py``, on Koh et al.'s CBM code): SGD with momentum 0.9 and weight decay 5e-5,
+#: StepLR (x0.1 every ``lr_step`` epochs, no further decay below 1e-4), each concept's BCE weighted by
+#: its imbalance (negatives / positives on the training split), the joint loss divided by
+#: ``1 + lambda * K``, batches of 64, the checkpoint best by validation *accuracy* kept, training stopped
+#: 100 epochs after the last improvement. Their README leaves the learning rate and the StepLR step
+#: as variables; 0.01 and 1000 epochs here are Koh et al.'s CUB values (so no decay within 1000 epochs).
+RECIPES: dict[str, dict[str, Any]] = {
+    "package": {
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "batch_size": 256,
+        "max_epochs": 100,
+        "patience": 10,
+        "lr_step": 0,
+        "lr_gamma": 0.1,
+        "min_learning_rate": 0.0,
+        "weighted_concept_loss": False,
+        "normalize_joint_loss": False,
+        "select_best_by": "val_loss",
+    },
+    "authors": {
+        "optimizer": "sgd",
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-5,
+        "batch_size": 64,
+        "max_epochs": 1000,
+        "patience": 100,
+        "lr_step": 1000,
+        "lr_gamma": 0.1,
+        "min_learning_rate": 1e-4,
+        "weighted_concept_loss": True,
+        "normalize_joint_loss": True,
+        "select_best_by": "val_accuracy",
+    },
+}
+OPTIMIZERS = ("adam", "sgd")
+SELECTIONS = ("val_loss", "val_accuracy")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Training of a CBM on a :class:`ConceptDataset` with features."""
+    """Training of a CBM on a :class:`ConceptDataset` with features.
+
+    ``recipe`` (``package`` or ``authors``, see :data:`RECIPES`) gives every key left at None its value;
+    a key you set wins over the recipe (``TrainConfig(recipe="authors", max_epochs=200)``). ``optimizer``:
+    ``adam`` or ``sgd`` (with ``momentum``). ``lr_step``: epochs between x``lr_gamma`` decays of the
+    learning rate (0: constant), never below ``min_learning_rate``. ``weighted_concept_loss``: weigh each
+    concept's BCE by negatives / positives on the training split. ``normalize_joint_loss``: divide the
+    joint loss by ``1 + concept_loss_weight * K``. ``select_best_by``: ``val_loss`` (lowest) or
+    ``val_accuracy`` (highest; concept accuracy for g alone, class accuracy otherwise) picks the epoch
+    whose weights are kept, and ``patience`` counts epochs without improving it.
+    """
 
     strategy: str = "IND"
+    recipe: str = "package"
     concept_hidden: tuple[int, ...] = (100, 100)
     target_hidden: tuple[int, ...] = ()
     concept_loss_weight: float = 1.0  # lambda of the joint objective (JNT, JNT+P)
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    max_epochs: int = 100
-    patience: int = 10
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    max_epochs: int | None = None
+    patience: int | None = None
+    lr_step: int | None = None
+    lr_gamma: float | None = None
+    min_learning_rate: float | None = None
+    weighted_concept_loss: bool | None = None
+    normalize_joint_loss: bool | None = None
+    select_best_by: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown training strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe {self.recipe!r} is not known; expected one of {list(RECIPES)}")
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.concept_hidden = tuple(int(h) for h in self.concept_hidden)
         self.target_hidden = tuple(int(h) for h in self.target_hidden)
         for name in ("learning_rate", "batch_size", "max_epochs", "patience"):
@@ -110,6 +185,65 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.concept_loss_weight < 0 or self.weight_decay < 0:
             raise ValueError("concept_loss_weight and weight_decay must be non-negative")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not offered; expected one of {list(OPTIMIZERS)}")
+        if self.select_best_by not in SELECTIONS:
+            raise ValueError(f"select_best_by {self.select_best_by!r}: expected one of {list(SELECTIONS)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum {self.momentum} is out of range; expected a value in [0, 1)")
+        if self.lr_step < 0:
+            raise ValueError(f"lr_step {self.lr_step} is out of range; expected epochs >= 0 (0: constant rate)")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma {self.lr_gamma} is out of range; expected a factor in (0, 1]")
+        if self.min_learning_rate < 0:
+            raise ValueError(f"min_learning_rate {self.min_learning_rate} is out of range; expected a rate >= 0")
+
+
+def learning_rate_at(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based): StepLR's ``lr * gamma ** (epoch // lr_step)``, held once
+    it would fall below ``min_learning_rate`` (the authors stop stepping StepLR at ``MIN_LR``)."""
+    if config.lr_step == 0 or config.lr_gamma == 1:
+        return config.learning_rate
+    decays = epoch // config.lr_step
+    if config.min_learning_rate > 0:
+        # decays before the floor; the small tolerance keeps log(1e-4 / 1e-2) / log(0.1) at 2, not 1.999...
+        floor = math.log(config.min_learning_rate / config.learning_rate) / math.log(config.lr_gamma)
+        decays = min(decays, max(0, math.floor(floor + 1e-9)))
+    return config.learning_rate * config.lr_gamma**decays
+
+
+def concept_imbalance_weights(concepts: torch.Tensor) -> torch.Tensor:
+    """Per concept, negatives / positives among ``concepts`` (N, K): the weight of its BCE in the authors'
+    recipe (Koh et al.'s ``find_class_imbalance``); a concept never present gets 1, as theirs does."""
+    positives = concepts.sum(0)
+    negatives = concepts.shape[0] - positives
+    return torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
+
+
+def concept_loss(logits: torch.Tensor, concepts: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """g's training loss: the mean over concepts of each concept's BCE (mean over samples), weighted by
+    ``weights`` (K,) when given (the authors' X->C stage divides the weighted sum by K)."""
+    per_concept = F.binary_cross_entropy_with_logits(logits, concepts, reduction="none").mean(0)
+    return (per_concept if weights is None else weights * per_concept).mean()
+
+
+def joint_loss(
+    class_logits: torch.Tensor,
+    labels: torch.Tensor,
+    concept_logits: torch.Tensor,
+    concepts: torch.Tensor,
+    concept_loss_weight: float,
+    *,
+    weights: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``CE + lambda * sum_k w_k BCE_k`` (Koh et al.'s joint objective; mean over samples), divided by
+    ``1 + lambda * K`` when ``normalize`` (the authors' ``-normalize_loss``)."""
+    per_concept = F.binary_cross_entropy_with_logits(concept_logits, concepts, reduction="none").mean(0)
+    if weights is not None:
+        per_concept = weights * per_concept
+    total = F.cross_entropy(class_logits, labels) + concept_loss_weight * per_concept.sum()
+    return total / (1 + concept_loss_weight * concepts.shape[1]) if normalize else total
 
 
 class ConceptBottleneckModel(nn.Module):
@@ -197,9 +331,12 @@ def fit(
     name: str,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    val_accuracy: Callable[[], float] | None = None,
 ) -> list[float]:
-    """Adam on mini-batches of ``range(n_train)``; stop after ``patience`` epochs without a better
-    validation loss and restore the best weights. Returns the validation losses per epoch.
+    """``config.optimizer`` on mini-batches of ``range(n_train)`` at :func:`learning_rate_at` each epoch;
+    stop after ``patience`` epochs without a better validation loss (or, with ``select_best_by=
+    "val_accuracy"``, a higher ``val_accuracy()``; ties keep the earlier epoch, as the authors' strict
+    comparison) and restore the best weights. Returns the validation losses per epoch.
 
     With ``checkpoint_dir``, the best weights so far go to ``<name>.pt`` and the whole training
     state to ``<name>.progress.pt`` (both written atomically) after the first epoch, then at most
@@ -207,8 +344,12 @@ def fit(
     left there by an interrupted run of the same ``config`` is continued: the result is the one an
     uninterrupted run gives.
     """
+    by_accuracy = config.select_best_by == "val_accuracy"
+    if by_accuracy and val_accuracy is None:
+        raise ValueError(f"select_best_by 'val_accuracy' needs a val_accuracy function for stage {name!r}")
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = _optimizer(module, config)
+    # the best value is kept as a loss: the negated accuracy when selecting by accuracy
     best, best_state, since_best, history = float("inf"), copy.deepcopy(module.state_dict()), 0, []
     best_epoch: int | None = None
     start = 0
@@ -232,6 +373,8 @@ def fit(
             return history
     saved_at, best_saved = -math.inf, best_epoch
     for epoch in range(start, config.max_epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(config, epoch)
         module.train()
         for index in _batches(n_train, config.batch_size, generator):
             optimizer.zero_grad()
@@ -240,10 +383,11 @@ def fit(
         module.eval()
         with torch.no_grad():
             val = float(val_loss_fn())
+            monitored = -float(val_accuracy()) if by_accuracy else val
         history.append(val)
         stop = False
-        if val < best - 1e-6:
-            best, best_state, best_epoch, since_best = val, copy.deepcopy(module.state_dict()), epoch, 0
+        if monitored < best - (0.0 if by_accuracy else 1e-6):
+            best, best_state, best_epoch, since_best = monitored, copy.deepcopy(module.state_dict()), epoch, 0
         else:
             since_best += 1
             stop = since_best >= config.patience
@@ -279,8 +423,23 @@ def fit(
         if stop:
             break
     module.load_state_dict(best_state)
-    log.info("%s: %d epochs, best validation loss %.4f", name, len(history), best)
+    log.info(
+        "%s: %d epochs, best validation %s %.4f (epoch %s)",
+        name,
+        len(history),
+        "accuracy" if by_accuracy else "loss",
+        -best if by_accuracy else best,
+        best_epoch,
+    )
     return history
+
+
+def _optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            module.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -294,6 +453,8 @@ class TrainingRun:
     val_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     checkpoint_dir: str | Path | None = None
     resume: bool = False
+    #: per-concept BCE weights (negatives / positives on the training split) when the config asks for them
+    concept_weights: torch.Tensor | None = None
 
     @property
     def concept_model(self) -> nn.Module:
@@ -309,9 +470,11 @@ class TrainingRun:
         loss: Callable[[torch.Tensor], torch.Tensor],
         val_loss: Callable[[], float],
         name: str,
+        val_accuracy: Callable[[], float] | None = None,
     ) -> list[float]:
-        """:func:`fit` ``module`` on ``loss(batch indices)`` with early stopping on ``val_loss()``;
-        ``name`` is the stage's checkpoint name. Returns the validation losses per epoch."""
+        """:func:`fit` ``module`` on ``loss(batch indices)`` with early stopping on ``val_loss()`` (or on
+        ``val_accuracy()`` when the config selects by accuracy); ``name`` is the stage's checkpoint name.
+        Returns the validation losses per epoch."""
         n_train = len(self.train_split[2])
         return fit(
             module,
@@ -322,19 +485,29 @@ class TrainingRun:
             name=name,
             checkpoint_dir=self.checkpoint_dir,
             resume=self.resume,
+            val_accuracy=val_accuracy,
         )
+
+
+def _class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def _concept_accuracy(logits: torch.Tensor, concepts: torch.Tensor) -> float:
+    return ((logits > 0).float() == concepts).float().mean().item()
 
 
 def _train_concepts_then_target(run: TrainingRun, *, target_reads_true_concepts: bool) -> dict[str, list[float]]:
     """IND and SEQ: fit g on the concepts, then f on the true concepts (IND) or g's frozen logits (SEQ)."""
     (x_tr, c_tr, y_tr), (x_va, c_va, y_va) = run.train_split, run.val_split
-    g, f = run.concept_model, run.target_model
+    g, f, weights = run.concept_model, run.target_model, run.concept_weights
     history = {
         "concept": run.fit_stage(
             g,
-            lambda i: F.binary_cross_entropy_with_logits(g(x_tr[i]), c_tr[i]),
-            lambda: F.binary_cross_entropy_with_logits(g(x_va), c_va).item(),
+            lambda i: concept_loss(g(x_tr[i]), c_tr[i], weights),
+            lambda: concept_loss(g(x_va), c_va, weights).item(),
             "concept_model",
+            val_accuracy=lambda: _concept_accuracy(g(x_va), c_va),
         )
     }
     g.eval()
@@ -348,6 +521,7 @@ def _train_concepts_then_target(run: TrainingRun, *, target_reads_true_concepts:
         lambda i: F.cross_entropy(f(inputs_tr[i]), y_tr[i]),
         lambda: F.cross_entropy(f(inputs_va), y_va).item(),
         "target_model",
+        val_accuracy=lambda: _class_accuracy(f(inputs_va), y_va),
     )
     return history
 
@@ -361,22 +535,30 @@ def _train_sequential(run: TrainingRun) -> dict[str, list[float]]:
 
 
 def _train_jointly(run: TrainingRun) -> dict[str, list[float]]:
-    """JNT and JNT+P: g and f end to end on ``CE(f(bottleneck), y) + lambda * sum_k BCE(logit_k, c_k)``."""
+    """JNT and JNT+P: g and f end to end on ``CE(f(bottleneck), y) + lambda * sum_k BCE(logit_k, c_k)``
+    (each BCE weighted and the sum normalised by ``1 + lambda * K`` as the config says)."""
     (x_tr, c_tr, y_tr), (x_va, c_va, y_va) = run.train_split, run.val_split
-    lam = run.config.concept_loss_weight
+    config = run.config
 
-    def joint_loss(x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(x: torch.Tensor, c: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, out = run.model(x)
-        # sum over concepts, mean over samples (Koh et al.'s lambda * sum_k L_Ck)
-        concept_loss = F.binary_cross_entropy_with_logits(logits, c, reduction="none").sum(1).mean()
-        return F.cross_entropy(out, y) + lam * concept_loss
+        return joint_loss(
+            out,
+            y,
+            logits,
+            c,
+            config.concept_loss_weight,
+            weights=run.concept_weights,
+            normalize=config.normalize_joint_loss,
+        )
 
     return {
         "joint": run.fit_stage(
             run.model,
-            lambda i: joint_loss(x_tr[i], c_tr[i], y_tr[i]),
-            lambda: joint_loss(x_va, c_va, y_va).item(),
+            lambda i: loss(x_tr[i], c_tr[i], y_tr[i]),
+            lambda: loss(x_va, c_va, y_va).item(),
             "joint_model",
+            val_accuracy=lambda: _class_accuracy(run.model(x_va)[1], y_va),
         )
     }
 
@@ -471,6 +653,7 @@ def train_cbm(
         val_split=(x_va, c_va, y_va),
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        concept_weights=concept_imbalance_weights(c_tr) if config.weighted_concept_loss else None,
     )
     history = strategy.train(run)
     model.eval()
