@@ -196,7 +196,9 @@ def test_train_distributed_matches_emulated(tmp_path, single_thread, capsys):
     # other settings are refused before starting any worker
     assert main([*rerun, "--set", "optim.lr=0.005", "--output-dir", str(tmp_path / "distributed")]) == 2
     error = capsys.readouterr().err
-    assert re.search(r"distributed' holds a run with a different config \(differing: optim\.lr: 0\.001 -> 0\.005\)", error)
+    assert re.search(
+        r"distributed' holds a run with a different config \(differing: optim\.lr: 0\.001 -> 0\.005\)", error
+    )
     assert len(re.findall(r"optim\.lr:", error)) == 1  # each differing key is named once
 
 

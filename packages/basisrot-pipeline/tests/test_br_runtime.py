@@ -153,7 +153,9 @@ def test_resume_is_refused_from_the_manifest_not_the_stage_checkpoints(tmp_path,
         run_config=resume_config(saved),
     )
     _interrupted_run(tmp_path, saved, job.settings())
-    with pytest.raises(ValueError, match=r"holds a run with a different config \(differing: optim\.lr: 0\.01 -> 0\.03\)"):
+    with pytest.raises(
+        ValueError, match=r"holds a run with a different config \(differing: optim\.lr: 0\.01 -> 0\.03\)"
+    ):
         train_distributed(replace(saved, optim=fast_optim(lr=3e-2)), tmp_path)
 
 

@@ -11,7 +11,9 @@ is the ("second", "bi") configuration here. For a weight ``W`` (m x n) with grad
   symmetric eigendecomposition on cold start (eigenvalues descending, retried in float64 if the
   float32 one fails); on warm start one power-iteration step ``Q = qr(L Q_sorted)`` after sorting
   the estimated eigenvalues ``diag(Q^T L Q)`` in descending order and permuting the second moment
-  ``V`` (which lives in the rotated coordinates) to match (SOAP, Algorithm 4);
+  ``V`` (which lives in the rotated coordinates) to match (SOAP, Algorithm 4); the null space of a
+  rank-deficient statistic, which ``eigh`` and QR fill from round-off, is completed deterministically
+  (:func:`complete_null_space`; a departure from SOAP and the authors, documented in docs);
 * ``M = b1 M + (1-b1) G`` in original coordinates; ``G~ = Q_L^T G Q_R``, ``M~ = Q_L^T M Q_R``;
   ``V = b2 V + (1-b2) G~^2``; ``W -= lr sqrt(bc2) / bc1 * Q_L [ M~ / (sqrt(V) + eps) ] Q_R^T``, with
   Adam's bias corrections ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` folded into the step size as in SOAP
@@ -73,20 +75,64 @@ def _check_group_options(group: dict[str, Any]) -> None:
         raise ValueError(f"max_precond_dim must be a non-negative int, got {group['max_precond_dim']!r}")
 
 
+def null_tolerance(size: int, largest: float, dtype: torch.dtype) -> float:
+    """Eigenvalues (or QR pivots) at or below this are round-off: ``size * eps(dtype) * largest``.
+
+    The bound of ``torch.linalg.matrix_rank``'s default tolerance: a direction whose energy is this
+    small relative to the largest one cannot be told apart from the kernel's own rounding.
+    """
+    return size * torch.finfo(dtype).eps * max(float(largest), 0.0)
+
+
+def complete_null_space(kept: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The orthonormal frame of the complement of ``kept``'s columns closest to ``reference``'s columns.
+
+    ``reference`` (one column per missing direction) is projected onto the complement of ``kept``
+    and replaced by its polar factor ``U V^T`` (from the SVD ``U S V^T`` of the projection), which
+    is the closest orthonormal frame in Frobenius norm and a continuous function of ``kept`` and
+    ``reference``: unlike the null vectors of ``eigh`` or the trailing columns of a QR, it does not
+    change with round-off. Runs in float64 when the float32 SVD fails.
+    """
+    projected = reference - kept @ (kept.T @ reference)
+    try:
+        u, _, vh = torch.linalg.svd(projected, full_matrices=False)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        u, _, vh = (x.to(projected.dtype) for x in torch.linalg.svd(projected.double(), full_matrices=False))
+    return u @ vh
+
+
+def cold_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`eigenbasis` and the mask of its columns that span the statistic's null space."""
+    sym = 0.5 * (matrix + matrix.T)
+    try:
+        values, vectors = torch.linalg.eigh(sym)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        logger.debug("eigh failed in %s, retrying in float64", sym.dtype)
+        values, vectors = torch.linalg.eigh(sym.double())
+        values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    null = values <= null_tolerance(sym.shape[0], values[0], sym.dtype)
+    if not bool(null.any()):
+        return vectors, null  # full rank: eigh's basis, as SOAP and the authors' code
+    # the null eigenvectors are any orthonormal basis of the kernel, picked by round-off; take the one
+    # closest to the coordinate axes the statistic touches least (its smallest diagonal entries)
+    count = int(null.sum())
+    axes = torch.sort(torch.argsort(torch.diagonal(sym), stable=True)[:count]).values
+    reference = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)[:, axes]
+    kept = vectors[:, ~null]
+    return torch.cat([kept, complete_null_space(kept, reference)], dim=1), null
+
+
 def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of a symmetric PSD matrix, columns ordered by descending eigenvalue.
 
     The float32 decomposition can fail to converge on ill-conditioned statistics; it is then
-    repeated in float64 and cast back.
+    repeated in float64 and cast back. The eigenvectors of eigenvalues at the round-off level (the
+    null space of a rank-deficient statistic) are replaced by :func:`complete_null_space` of the
+    coordinate axes, so the basis does not depend on round-off (a departure from SOAP and the
+    authors' code, which keep whatever ``eigh`` returns there; see docs).
     """
-    sym = 0.5 * (matrix + matrix.T)
-    try:
-        _, vectors = torch.linalg.eigh(sym)
-    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-        logger.debug("eigh failed in %s, retrying in float64", sym.dtype)
-        _, vectors = torch.linalg.eigh(sym.double())
-        vectors = vectors.to(matrix.dtype)
-    return vectors.flip(-1)
+    return cold_basis(matrix)[0]
 
 
 def power_iteration_refresh(
@@ -94,15 +140,33 @@ def power_iteration_refresh(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One warm-start step: sort by estimated eigenvalue, permute ``V`` along ``dim``, then QR.
 
-    Returns the new basis and the permuted second moment (SOAP, Algorithm 4). Runs in the statistic's
-    dtype, float32 for half-precision parameters (see :func:`state_dtype`).
+    Returns the new basis and the permuted second moment (SOAP, Algorithm 4); see :func:`warm_basis`.
+    """
+    basis, second_moment, _ = warm_basis(statistic, basis, second_moment, dim)
+    return basis, second_moment
+
+
+def warm_basis(
+    statistic: torch.Tensor, basis: torch.Tensor, second_moment: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`power_iteration_refresh`, also returning the mask of the columns in the null space.
+
+    Runs in the statistic's dtype, float32 for half-precision parameters (see :func:`state_dtype`).
+    When the statistic is rank-deficient, the QR's columns whose pivot is at the round-off level
+    are any basis of the null space; they are replaced by :func:`complete_null_space` of the old
+    basis's columns at the same positions, so the new basis continues the old one there instead
+    of following round-off. With full rank the arithmetic is SOAP's.
     """
     estimated = torch.diagonal(basis.T @ statistic @ basis)
     order = torch.argsort(estimated, descending=True)
     basis = basis[:, order]
     second_moment = second_moment.index_select(dim, order)
-    q, _ = torch.linalg.qr(statistic @ basis)
-    return q, second_moment
+    q, r = torch.linalg.qr(statistic @ basis)
+    pivots = torch.diagonal(r).abs()
+    null = pivots <= null_tolerance(statistic.shape[0], pivots.max(), statistic.dtype)
+    if bool(null.any()):
+        q[:, null] = complete_null_space(q[:, ~null], basis[:, null])
+    return q, second_moment, null
 
 
 def _qr(matrix: torch.Tensor) -> torch.Tensor:
@@ -237,6 +301,9 @@ class BasisRotation(torch.optim.Optimizer):
         )
         state["basis_left"] = None
         state["basis_right"] = None
+        # the columns of each basis that span its statistic's null space (None: full rank)
+        state["null_left"] = None
+        state["null_right"] = None
         return state
 
     @staticmethod
@@ -247,11 +314,36 @@ class BasisRotation(torch.optim.Optimizer):
                 continue
             basis = state[f"basis_{side}"]
             if basis is None:
-                state[f"basis_{side}"] = eigenbasis(statistic)
+                state[f"basis_{side}"], null = cold_basis(statistic)
             elif step % frequency == 0:
-                state[f"basis_{side}"], state["exp_avg_sq"] = power_iteration_refresh(
+                state[f"basis_{side}"], state["exp_avg_sq"], null = warm_basis(
                     statistic, basis, state["exp_avg_sq"], dim
                 )
+            else:
+                continue
+            # kept only while the statistic is rank-deficient (None once it has full rank)
+            state[f"null_{side}"] = null if bool(null.any()) else None
+
+    @staticmethod
+    def _drop_round_off(rotated: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Zero the entries of a rotated matrix that lie in a null direction and are round-off sized.
+
+        In exact arithmetic the gradient and the momentum have no component along a null direction
+        of the statistic at its refresh (the statistic contains them), but in float32 they get one
+        of the kernel's round-off size, which Adam's normalisation (over a second moment of the
+        same size) turns into a full step of random sign. Entries above the round-off floor are new
+        gradient energy in that direction and are kept.
+        """
+        masks = [state.get("null_left"), state.get("null_right")]
+        if masks[0] is None and masks[1] is None:
+            return rotated
+        in_null = torch.zeros(rotated.shape, dtype=torch.bool, device=rotated.device)
+        if masks[0] is not None:
+            in_null |= masks[0].bool()[:, None]  # a loaded state_dict holds the mask cast to the parameter's dtype
+        if masks[1] is not None:
+            in_null |= masks[1].bool()[None, :]
+        floor = null_tolerance(max(rotated.shape), rotated.abs().max(), rotated.dtype)
+        return rotated.masked_fill(in_null & (rotated.abs() <= floor), 0.0)
 
     @staticmethod
     def _rotate(matrix: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
@@ -305,7 +397,8 @@ class BasisRotation(torch.optim.Optimizer):
                         statistic.lerp_(product, 1.0 - group["shampoo_beta"])
                     self._refresh(state, step, frequency)
                 if rotated:
-                    grad, moment = self._rotate(grad, state), self._rotate(exp_avg, state)
+                    grad = self._drop_round_off(self._rotate(grad, state), state)
+                    moment = self._drop_round_off(self._rotate(exp_avg, state), state)
                 else:
                     moment = exp_avg
 
