@@ -84,6 +84,36 @@ def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
             num_experts_per_tok=2,
         )
         return transformers.MixtralForCausalLM(config).eval()
+    if kind == "qwen2-moe":  # fused experts, a shared expert and its one-output gate
+        config = transformers.Qwen2MoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+        return transformers.Qwen2MoeForCausalLM(config).eval()
+    if kind == "gpt-oss":  # experts stored transposed, (experts, in, out), with biases and a clamped gate
+        config = transformers.GptOssConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        )
+        return transformers.GptOssForCausalLM(config).eval()
     if kind == "qwen2":
         config = transformers.Qwen2Config(
             vocab_size=VOCAB,

@@ -49,9 +49,10 @@ def _zeros_over_every_block_matrix(model: torch.nn.Module) -> tuple[int, int]:
     return zeros, total
 
 
-def test_sparsity_report_counts_fused_experts_and_the_router_and_names_them_dense() -> None:
+def test_sparsity_report_counts_each_fused_expert_and_names_the_router_dense() -> None:
     """transformers 5 stores Mixtral's experts as fused 3-d parameters and its router as a bare
-    parameter: neither is an nn.Linear, yet both are weight matrices of the block."""
+    parameter: neither is an nn.Linear, yet both are weight matrices of the block; each expert's slice
+    is a prunable matrix of its own, the router a matrix left dense."""
     model = make_model("mixtral")
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[:, :16] = 0
@@ -60,16 +61,16 @@ def test_sparsity_report_counts_fused_experts_and_the_router_and_names_them_dens
     zeros, total = _zeros_over_every_block_matrix(model)
     assert (report["zeros"], report["total"]) == (zeros, total)
     assert report["overall"] == zeros / total
+    layers = report["layers"]
+    assert layers["model.layers.1.mlp.experts.down_proj[2]"] == 8 / 64
+    assert layers["model.layers.1.mlp.experts.down_proj[1]"] == 0
+    assert layers["model.layers.0.self_attn.q_proj"] == 16 / 32
+    assert len(layers) == 2 * (4 + 2 * 4)
     dense = report["dense"]
     for i in range(2):
-        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
-            entry = dense[f"model.layers.{i}.{name}"]
-            assert entry["reason"] == "fused expert parameter: not pruned by this version"
-            assert entry["matrices"] == 4  # one per expert
         router = dense[f"model.layers.{i}.mlp.gate.weight"]
         assert router["reason"] == "router: kept dense" and router["matrices"] == 1
-    assert dense["model.layers.1.mlp.experts.down_proj"]["sparsity"] == 8 / 64 / 4
-    assert len(dense) == 6 and not any(name in report["layers"] for name in dense)
+    assert len(dense) == 2 and not any(name in layers for name in dense)
 
 
 def test_sparsity_report_of_a_dense_model_counts_its_linear_layers_and_leaves_nothing_dense() -> None:

@@ -151,10 +151,11 @@ def baked_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with masked weights under their plain names (parametrized modules don't deepcopy)."""
     state = {k: v.detach().cpu().clone() for k, v in block.state_dict().items()}
     for name, module in block.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
+        if parametrize.is_parametrized(module):
             prefix = f"{name}." if name else ""
-            state.pop(f"{prefix}parametrizations.weight.original")
-            state[f"{prefix}weight"] = module.weight.detach().cpu().clone()
+            for tensor_name in module.parametrizations:  # "weight", or a fused experts parameter
+                state.pop(f"{prefix}parametrizations.{tensor_name}.original")
+                state[f"{prefix}{tensor_name}"] = getattr(module, tensor_name).detach().cpu().clone()
     return state
 
 

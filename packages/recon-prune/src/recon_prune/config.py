@@ -29,6 +29,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DENSE_WINDOW = "dense-window"  # the dense blocks i-1, i on the sparse-path inputs of block i-1
 DENSE_BLOCK_ON_RECONSTRUCTED = "dense-block-on-reconstructed"  # the authors': dense block i after the provisional i-1
 CR_TARGETS = (DENSE_WINDOW, DENSE_BLOCK_ON_RECONSTRUCTED)
+# Tokens behind each expert's mask statistics (recon_prune.experts): the routed ones, or all (llm-compressor)
+ROUTED = "routed"
+ALL_TOKENS = "all-tokens"
+EXPERT_CALIBRATIONS = (ROUTED, ALL_TOKENS)
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -139,6 +143,11 @@ class PruneConfig:
             ``dense-block-on-reconstructed``, the authors' target (rethinking-LLM-pruning): the dense
             block ``i`` on the output of the already reconstructed block ``i-1`` (as trained in the
             previous window). Ignored with GP, whose target is the dense path. (Default: dense-window)
+        expert_calibration: which tokens give each expert of a mixture-of-experts layer (fused
+            transformers 5 experts) its mask statistics: ``routed``, the tokens the model's own router
+            sends it, or ``all-tokens``, every calibration token through every expert, as
+            llm-compressor calibrates MoE models. Under ``routed`` an expert that no token reaches is
+            calibrated on all tokens and the report says so. The router stays dense. (Default: routed)
     """
 
     method: str = "sparsegpt"
@@ -160,6 +169,7 @@ class PruneConfig:
     offload_device: str = "cpu"
     dtype: str = "auto"
     cr_target: str = DENSE_WINDOW
+    expert_calibration: str = ROUTED
 
     def __post_init__(self) -> None:
         if self.method not in MASK_METHODS:
@@ -204,6 +214,10 @@ class PruneConfig:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
         if self.cr_target not in CR_TARGETS:
             raise ValueError(f"unknown cr_target {self.cr_target!r}; expected one of {', '.join(CR_TARGETS)}")
+        if self.expert_calibration not in EXPERT_CALIBRATIONS:
+            raise ValueError(
+                f"unknown expert_calibration {self.expert_calibration!r}; expected one of {', '.join(EXPERT_CALIBRATIONS)}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         check_device(self.device, "device", allow_auto=True)

@@ -6,9 +6,10 @@ For block ``i`` (Shin et al. 2024, Sec. 3 and Fig. 1):
    activations (the GP targets and the reference for the per-depth error) and, for BR, the
    sparse-path inputs to the BR targets, so no dense copy of the block is needed;
 2. mask statistics (Hessian for SparseGPT, input norms for Wanda) are collected on the sparse-path
-   inputs of the real calibration samples only;
-3. every linear layer is pruned (SparseGPT also applies its closed-form OBS update = LR), and the
-   masks are frozen;
+   inputs of the real calibration samples only; each expert of a fused mixture-of-experts layer gets
+   its own, from the tokens routed to it (:mod:`recon_prune.experts`);
+3. every linear layer and every expert's slice of a fused experts parameter is pruned (SparseGPT
+   also applies its closed-form OBS update = LR), and the masks are frozen; routers stay dense;
 4. BR trains the block towards its targets on the sparse inputs, GP towards the dense path; CR
    trains the window of blocks ``i-1, i`` (stride 1) from the sparse inputs of block ``i-1``. The
    provisional block ``i-1`` waits on ``offload_device`` between its two trainings, and CR without
@@ -38,10 +39,23 @@ from torch import nn
 
 from recon_prune.calibration import CalibrationData, as_calibration
 from recon_prune.checkpoint import Checkpoint, baked_state, block_state, fingerprint
-from recon_prune.config import DENSE_BLOCK_ON_RECONSTRUCTED, DENSE_WINDOW, PruneConfig, ReconstructionHParams
+from recon_prune.config import (
+    ALL_TOKENS,
+    DENSE_BLOCK_ON_RECONSTRUCTED,
+    DENSE_WINDOW,
+    PruneConfig,
+    ReconstructionHParams,
+)
 from recon_prune.deploy import attach_sparsity_record
 from recon_prune.evaluate import sparsity_report
-from recon_prune.methods import BLOCK_TARGET, DENSE_PATH_TARGET, MaskMethod
+from recon_prune.experts import (
+    ExpertStatistics,
+    expert_matrix,
+    expert_parameter_names,
+    find_fused_experts,
+    to_native_expert_layout,
+)
+from recon_prune.methods import BLOCK_TARGET, DENSE_PATH_TARGET
 from recon_prune.model_adapter import (
     BlockCalls,
     BlockInputs,
@@ -78,11 +92,20 @@ def _forward(
 
 
 def _collect_stats(
-    block: nn.Module, method: MaskMethod, inputs: BlockInputs, x: torch.Tensor, device: torch.device, batch: int
-) -> dict[str, Any]:
-    """The method's statistics of every linear layer's inputs over ``x`` (nothing without a collector)."""
+    block: nn.Module,
+    config: PruneConfig,
+    inputs: BlockInputs,
+    x: torch.Tensor,
+    device: torch.device,
+    batch: int,
+) -> tuple[dict[str, Any], dict[str, ExpertStatistics]]:
+    """The mask method's statistics of every linear layer's inputs over ``x`` and of every fused
+    expert's (see :mod:`recon_prune.experts`); nothing for a method without a collector.
+
+    A second pass over ``x`` calibrates, on all tokens, the experts that no routed token reached."""
+    method = config.mask_method
     if method.collector is None:
-        return {}
+        return {}, {}
     stats: dict[str, Any] = {}
     handles = []
     for name, module in find_linears(block).items():
@@ -92,12 +115,27 @@ def _collect_stats(
             acc.add_batch(args[0])
 
         handles.append(module.register_forward_hook(hook))
+    experts: dict[str, ExpertStatistics] = {}
+    expert_handles = []
+    for name, module in find_fused_experts(block).items():
+        experts[name] = ExpertStatistics(module, method.collector, device)
+        if config.expert_calibration == ALL_TOKENS:
+            experts[name].all_tokens_for = set(range(experts[name].num_experts))
+        expert_handles.append(module.register_forward_pre_hook(experts[name].hook, with_kwargs=True))
     try:
         _forward([block], [inputs], x, device, batch)
-    finally:
-        for handle in handles:
+        for handle in handles:  # the linear layers have their statistics
             handle.remove()
-    return stats
+        if config.expert_calibration != ALL_TOKENS:
+            for collected in experts.values():  # a second pass feeds only the experts no token reached
+                collected.routed, collected.count = False, False
+                collected.all_tokens_for = {e for e, n in enumerate(collected.tokens) if n == 0}
+            if any(collected.all_tokens_for for collected in experts.values()):
+                _forward([block], [inputs], x, device, batch)
+    finally:
+        for handle in (*handles, *expert_handles):
+            handle.remove()
+    return stats, experts
 
 
 def _prune_linears(
@@ -116,6 +154,50 @@ def _prune_linears(
         apply_mask(module, native_mask)
         masks[f"{prefix}.{name}"] = native_mask.cpu()
     return masks
+
+
+def _prune_experts(
+    block: nn.Module, experts: dict[str, ExpertStatistics], config: PruneConfig, prefix: str
+) -> dict[str, torch.Tensor]:
+    """Choose each expert's mask in every fused experts parameter (one ``(out, in)`` slice at a time,
+    from that expert's own statistics), write the kept weights and freeze the ``(experts, ...)`` mask."""
+    method = config.mask_method
+    masks = {}
+    for name, module in find_fused_experts(block).items():
+        collected = experts.get(name)
+        for parameter in expert_parameter_names(module):
+            fused = getattr(module, parameter)
+            new_fused = fused.detach().clone()
+            expert_masks = []
+            for e in range(fused.shape[0]):
+                weight = expert_matrix(module, parameter, e).detach().float()
+                stats = collected.stats.pop((parameter, e)) if collected is not None else None
+                selected, mask = method.select(weight, stats, config, f"{prefix}.{name}.{parameter}[{e}]")
+                kept = selected if config.uses_obs_update else weight
+                new_fused[e] = to_native_expert_layout(module, kept * mask).to(new_fused.dtype)
+                expert_masks.append(to_native_expert_layout(module, mask))
+            native_mask = torch.stack(expert_masks)
+            with torch.no_grad():
+                fused.copy_(new_fused)
+            apply_mask(module, native_mask, parameter)
+            masks[f"{prefix}.{name}.{parameter}"] = native_mask.cpu()
+    return masks
+
+
+def _record_expert_tokens(report: PruneReport, experts: dict[str, ExpertStatistics], prefix: str) -> None:
+    """Each expert's routed token count and the experts calibrated on all tokens, in the report; a
+    warning names every expert that no calibration token reached."""
+    for name, collected in experts.items():
+        key = f"{prefix}.{name}"
+        report.experts[key] = {"tokens": collected.tokens, "calibrated_on_all_tokens": sorted(collected.all_tokens_for)}
+        unreached = [e for e, n in enumerate(collected.tokens) if n == 0]
+        if unreached:
+            log.warning(
+                "%s: experts %s received no calibration token from the router; their masks use the statistics "
+                "of all calibration tokens",
+                key,
+                unreached,
+            )
 
 
 @dataclass
@@ -175,6 +257,7 @@ def _restore(
     buffers = saved["buffers"]
     for key in ("block_errors", "reconstruction"):
         setattr(report, key, saved["report"][key])
+    report.experts = saved["report"].get("experts", {})
     report.resumed_from_block = start
     window = _Window()
     if has_window:
@@ -185,6 +268,9 @@ def _restore(
             dense.load_state_dict(buffers["prev_dense_state"])
         for name, module in find_linears(block).items():
             apply_mask(module, report.masks[f"{path}.{start - 1}.{name}"])
+        for name, module in find_fused_experts(block).items():
+            for parameter in expert_parameter_names(module):
+                apply_mask(module, report.masks[f"{path}.{start - 1}.{name}.{parameter}"], parameter)
         window = _Window(block=block, dense=dense, sparse_in=buffers["prev_sparse_in"])
     return buffers["sparse_in"], buffers["dense_in"], window
 
@@ -292,7 +378,11 @@ def _save_checkpoint(
         buffers["prev_sparse_in"] = window.sparse_in
         if window.dense is not None:
             buffers["prev_dense_state"] = baked_state(window.dense)
-    progress_so_far = {"block_errors": run.report.block_errors, "reconstruction": run.report.reconstruction}
+    progress_so_far = {
+        "block_errors": run.report.block_errors,
+        "reconstruction": run.report.reconstruction,
+        "experts": run.report.experts,
+    }
     run.checkpoint.save(i + 1, states, buffers, progress_so_far)
 
 
@@ -310,11 +400,13 @@ def _prune_block(
     # computed from block i itself before it is pruned (no dense copy).
     keeps_dense = config.cr_target == DENSE_WINDOW or last
     dense_copy = _copy_to(block, run.offload) if config.uses_cr and not config.uses_gp and keeps_dense else None
-    stats = _collect_stats(
-        block, config.mask_method, run.replay[i], sparse_in[:n_real], run.device, run.hparams.batch_size
+    stats, expert_stats = _collect_stats(
+        block, config, run.replay[i], sparse_in[:n_real], run.device, run.hparams.batch_size
     )
     report.masks.update(_prune_linears(block, stats, config, f"{run.path}.{i}"))
-    del stats
+    _record_expert_tokens(report, expert_stats, f"{run.path}.{i}")
+    report.masks.update(_prune_experts(block, expert_stats, config, f"{run.path}.{i}"))
+    del stats, expert_stats
     step_report, finished, sparse_in = _reconstruct(
         run, i, block, target, sparse_in, dense_in, window, dense_out, dense_copy if last else None
     )

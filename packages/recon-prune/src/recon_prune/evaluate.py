@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from recon_prune.experts import expert_parameter_names, find_fused_experts, router_modules
 from recon_prune.model_adapter import find_decoder_blocks, find_linears, max_positions
 
 log = logging.getLogger(__name__)
@@ -103,52 +105,69 @@ def heldout_ids(source: str, tokenizer: Any) -> torch.Tensor:
 
 
 # Why a weight matrix of a block is left dense, by kind (docs/recon-prune.md, Limits: mixture-of-experts).
-FUSED_EXPERTS_LEFT_DENSE = "fused expert parameter: not pruned by this version"
+FUSED_EXPERTS_LEFT_DENSE = "3-d parameter outside a transformers experts module: not pruned by this version"
 ROUTER_LEFT_DENSE = "router: kept dense"
 OTHER_MATRIX_LEFT_DENSE = "not an nn.Linear/Conv1D weight: not pruned by this version"
 
 
-def _why_left_dense(owner: nn.Module, parameter: nn.Parameter) -> str:
-    """The reason a block parameter of two or more dimensions is not pruned. transformers 5 stores a
-    mixture-of-experts layer's experts as fused 3-d parameters (``experts.gate_up_proj`` of shape
-    ``(experts, out, in)``) and its router as a bare 2-d parameter (``gate.weight``, a ``*Router``
-    module), neither an ``nn.Linear``; the router is meant to stay dense (issue 12)."""
+def _why_left_dense(owner: nn.Module, parameter: nn.Parameter, routers: set[int]) -> str:
+    """The reason a block parameter of two or more dimensions is not pruned: a mixture-of-experts
+    router (kept dense on purpose, :func:`recon_prune.experts.router_modules`; transformers 5 stores
+    Mixtral's as a bare 2-d parameter of a ``*Router`` module), a 3-d parameter that is not a fused
+    experts parameter this version knows, or another non-linear matrix."""
+    if id(owner) in routers or "router" in type(owner).__name__.lower():
+        return ROUTER_LEFT_DENSE
     if parameter.dim() >= 3:
         return FUSED_EXPERTS_LEFT_DENSE
-    if "router" in type(owner).__name__.lower():
-        return ROUTER_LEFT_DENSE
     return OTHER_MATRIX_LEFT_DENSE
+
+
+def _prunable_matrices(block: nn.Module) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """``(name, parameter, (out, in) matrix)`` of every matrix the pruner prunes in one block: the linear
+    layers' weights and each expert's slice of a fused experts parameter (``<experts>.<param>[<e>]``)."""
+    for name, module in find_linears(block).items():
+        yield name, module.weight, module.weight
+    for name, module in find_fused_experts(block).items():
+        for parameter_name in expert_parameter_names(module):
+            fused = getattr(module, parameter_name)
+            for e in range(fused.shape[0]):
+                yield f"{name}.{parameter_name}[{e}]", fused, fused[e]
 
 
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     """Fraction of exactly-zero entries over every weight matrix of the decoder blocks.
 
     Every block parameter of two or more dimensions counts, a fused ``(experts, out, in)`` expert
-    tensor as its experts' matrices, so a mixture-of-experts model whose experts stay dense is not
-    reported as pruned. ``layers`` holds the pruned (``nn.Linear``/``Conv1D``) layers; ``dense`` names
-    every other matrix with its reason, matrix count and sparsity. On a model made only of linear
+    tensor as its experts' matrices. ``layers`` holds the prunable matrices (``nn.Linear``/``Conv1D``
+    weights and each expert's slice, named ``<experts>.<parameter>[<expert>]``); ``dense`` names every
+    other matrix (routers) with its reason, matrix count and sparsity. On a model made only of linear
     layers ``dense`` is empty and the numbers are those of the linear layers alone."""
     path, blocks = find_decoder_blocks(model)
     layers: dict[str, float] = {}
     dense: dict[str, dict[str, Any]] = {}
     zeros = total = 0
     for i, block in enumerate(blocks):
-        linears = find_linears(block)
-        pruned_weights = {id(module.weight) for module in linears.values()}
-        for name, module in linears.items():
-            weight = module.weight.detach()
-            layer_zeros = int((weight == 0).sum())
-            layers[f"{path}.{i}.{name}"] = layer_zeros / weight.numel()
-            zeros += layer_zeros
-            total += weight.numel()
+        handled_above = set()
+        for module in find_fused_experts(block).values():  # per-expert biases are biases, not matrices
+            for parameter_name in expert_parameter_names(module):
+                bias = getattr(module, f"{parameter_name}_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    handled_above.add(id(bias))
+        for name, parameter, matrix in _prunable_matrices(block):
+            handled_above.add(id(parameter))
+            matrix_zeros = int((matrix.detach() == 0).sum())
+            layers[f"{path}.{i}.{name}"] = matrix_zeros / matrix.numel()
+            zeros += matrix_zeros
+            total += matrix.numel()
+        routers = {id(module) for module in router_modules(block).values()}
         for owner_name, owner in block.named_modules():
             for param_name, parameter in owner.named_parameters(recurse=False):
-                if parameter.dim() < 2 or id(parameter) in pruned_weights:
-                    continue  # biases and norms are not weight matrices; linear weights are counted above
+                if parameter.dim() < 2 or id(parameter) in handled_above:
+                    continue  # biases and norms are not weight matrices; prunable ones are counted above
                 matrix_zeros = int((parameter.detach() == 0).sum())
                 full_name = ".".join(part for part in (path, str(i), owner_name, param_name) if part)
                 dense[full_name] = {
-                    "reason": _why_left_dense(owner, parameter),
+                    "reason": _why_left_dense(owner, parameter, routers),
                     "matrices": math.prod(parameter.shape[:-2]),
                     "sparsity": matrix_zeros / parameter.numel(),
                 }

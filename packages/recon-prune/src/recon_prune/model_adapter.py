@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recon_prune.experts import router_modules
+
 log = logging.getLogger(__name__)
 
 try:  # transformers is a hard dependency, but keep the adapter importable without it
@@ -94,8 +96,11 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The prunable linear layers of one block, by name (``nn.Linear`` and GPT-2 ``Conv1D``)."""
-    linears = {name: m for name, m in block.named_modules() if isinstance(m, LINEAR_TYPES)}
+    """The prunable linear layers of one block, by name (``nn.Linear`` and GPT-2 ``Conv1D``); a
+    mixture-of-experts router that is an ``nn.Linear`` (Qwen2-MoE's ``shared_expert_gate``) stays
+    dense (:func:`recon_prune.experts.router_modules`)."""
+    routers = {id(module) for module in router_modules(block).values()}
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, LINEAR_TYPES) and id(m) not in routers}
     if not linears:
         raise UnsupportedModelError(f"block {type(block).__name__} contains no nn.Linear or Conv1D layer")
     return linears

@@ -9,7 +9,8 @@ clipping, MSE loss.
 
 Masks are applied as a parametrization ``W = W_orig * mask``: the forward only ever sees the masked
 weight, the gradient of every pruned entry is exactly zero, and :func:`bake_masks` writes
-``W_orig * mask`` back, so pruned weights stay exactly 0.
+``W_orig * mask`` back, so pruned weights stay exactly 0. The fused 3-d expert parameters of a
+mixture-of-experts layer carry their ``(experts, out, in)`` mask the same way.
 """
 
 from __future__ import annotations
@@ -38,21 +39,24 @@ class MaskParametrization(nn.Module):
         return weight * self.mask.to(weight.dtype)
 
 
-def apply_mask(module: nn.Module, native_mask: torch.Tensor) -> None:
-    """Zero the pruned weights and freeze the mask as a parametrization of ``module.weight``."""
-    mask = native_mask.to(module.weight.device, torch.bool)
-    if mask.shape != module.weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)}")
+def apply_mask(module: nn.Module, native_mask: torch.Tensor, name: str = "weight") -> None:
+    """Zero the pruned entries of ``module.<name>`` and freeze the mask as its parametrization
+    (``name`` is a fused experts parameter such as ``gate_up_proj`` for a mixture-of-experts layer)."""
+    tensor = getattr(module, name)
+    mask = native_mask.to(tensor.device, torch.bool)
+    if mask.shape != tensor.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {name} {tuple(tensor.shape)}")
     with torch.no_grad():
-        module.weight.mul_(mask.to(module.weight.dtype))
-    parametrize.register_parametrization(module, "weight", MaskParametrization(mask))
+        tensor.mul_(mask.to(tensor.dtype))
+    parametrize.register_parametrization(module, name, MaskParametrization(mask))
 
 
 def bake_masks(block: nn.Module) -> None:
-    """Remove every mask parametrization of ``block``, leaving the plain masked weights."""
+    """Remove every mask parametrization of ``block``, leaving the plain masked tensors."""
     for module in list(block.modules()):
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,7 +126,10 @@ def train_blocks(
                 index = order[start : start + hparams.batch_size]
                 x = inputs[index].to(device, torch.float32)
                 y = targets[index].to(device, torch.float32)
-                loss = torch.nn.functional.mse_loss(run_blocks(blocks, block_inputs, x), y)
+                # one masked copy of each parametrized tensor per forward: the experts module reads
+                # its fused parameter once per expert
+                with parametrize.cached():
+                    loss = torch.nn.functional.mse_loss(run_blocks(blocks, block_inputs, x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, hparams.grad_clip)

@@ -12,7 +12,10 @@ import torch
 @dataclass
 class PruneReport:
     """Outcome of :func:`recon_prune.prune`. ``masks`` maps ``"<blocks path>.<i>.<linear>"`` to boolean
-    masks in the module's own weight layout (``True`` = kept)."""
+    masks in the module's own weight layout (``True`` = kept), and ``"<blocks path>.<i>.<experts>.<parameter>"``
+    to the ``(experts, ...)`` mask of a fused mixture-of-experts parameter. ``experts`` maps each fused
+    experts module to its experts' routed calibration token counts (``tokens``) and the experts whose
+    statistics came from all tokens (``calibrated_on_all_tokens``)."""
 
     config: dict[str, Any]
     model_type: str
@@ -25,6 +28,7 @@ class PruneReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
     resumed_from_block: int | None = None
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def final_block_error(self) -> float | None:

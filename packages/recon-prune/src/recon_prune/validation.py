@@ -6,6 +6,7 @@ from torch import nn
 
 from recon_prune.calibration import CalibrationData
 from recon_prune.config import PruneConfig
+from recon_prune.experts import expert_matrix, expert_parameter_names, find_fused_experts
 from recon_prune.model_adapter import find_decoder_blocks, find_linears, max_positions, weight_matrix
 
 
@@ -21,6 +22,14 @@ def check_structure(model: nn.Module, config: PruneConfig) -> tuple[str, nn.Modu
                     raise ValueError(
                         f"pattern {config.pattern}: {path}.{i}.{name} has {cols} input features, not divisible by M={config.nm[1]}"
                     )
+            for name, module in find_fused_experts(block).items():
+                for parameter in expert_parameter_names(module):
+                    cols = expert_matrix(module, parameter, 0).shape[1]
+                    if cols % config.nm[1]:
+                        raise ValueError(
+                            f"pattern {config.pattern}: {path}.{i}.{name}.{parameter} has {cols} input features "
+                            f"per expert, not divisible by M={config.nm[1]}"
+                        )
     return path, blocks
 
 
