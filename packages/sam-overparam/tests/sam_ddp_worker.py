@@ -74,10 +74,14 @@ def worker(rank: int, out_dir: str, port: int) -> None:
         unwrapped = accelerator.unwrap_model(model)
         results[mode] = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     results["amp_overflow"] = amp_overflow_run(accelerator, rank, x[shard], y[shard], SAM)
+    results["decay_in_ascent"] = decay_in_ascent_run(accelerator, x[shard], y[shard], SAM)
     results["all_reduces_per_step"] = count_all_reduces(accelerator, x[shard], y[shard], SAM)
     gathered = [None] * WORLD_SIZE
     torch.distributed.all_gather_object(gathered, results["amp_overflow"])
     results["amp_overflow_all_ranks"] = gathered
+    gathered = [None] * WORLD_SIZE
+    torch.distributed.all_gather_object(gathered, results["decay_in_ascent"])
+    results["decay_in_ascent_all_ranks"] = gathered
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "ddp.pt"))
     accelerator.wait_for_everyone()
@@ -105,6 +109,40 @@ def amp_overflow_run(accelerator, rank: int, x: torch.Tensor, y: torch.Tensor, s
         scales.append(float(scaler.get_scale()))
     params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     return {"params": params, "scales": scales, "closure_calls": calls["n"]}
+
+
+DECAY_STEPS = 3
+
+
+def decay_in_ascent_run(accelerator, x: torch.Tensor, y: torch.Tensor, sam_class) -> dict:
+    """``weight_decay_in_ascent=True`` for a few steps, through the closure form, the two-step form
+    and m-sharpness chunks; returns each form's parameters (the test compares the ranks)."""
+    out = {}
+    for form in ("step", "two_step", "chunked"):
+        model = accelerator.prepare(build_model())
+        opt = sam_class(
+            model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model,
+            weight_decay=0.1, weight_decay_in_ascent=True,
+        )  # fmt: skip
+
+        def closure(chunk=(x, y), model=model):
+            loss = F.cross_entropy(model(chunk[0]), chunk[1])
+            loss.backward()
+            return loss
+
+        for _ in range(DECAY_STEPS):
+            if form == "step":
+                opt.step(closure)
+            elif form == "two_step":
+                with model.no_sync():  # the clean pass per device, as SAM's closure form runs it
+                    closure()
+                opt.first_step(zero_grad=True)
+                closure()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step_chunked(closure, [(x[:4], y[:4]), (x[4:], y[4:])], [0.5, 0.5])
+        out[form] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
+    return out
 
 
 def count_all_reduces(accelerator, x: torch.Tensor, y: torch.Tensor, sam_class) -> dict:

@@ -90,6 +90,36 @@ def test_ddp_amp_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results):
             torch.testing.assert_close(result["params"][name], value.detach(), rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_ddp_decay_in_ascent_keeps_ranks_identical_and_equal_to_single_process(ddp_results):
+    # With weight_decay_in_ascent the decay wd * (w + e) is part of the perturbed gradient; each rank
+    # has its own e, so the term must be averaged with the rest (it used to be added after the
+    # all-reduce, and the ranks' weights drifted apart).
+    worker = _load_worker_module()
+    x, y = worker.global_batch()
+    ranks = ddp_results["decay_in_ascent_all_ranks"]
+    shards = [(x[:8], y[:8]), (x[8:], y[8:])]
+    quarters = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    for form, chunks in (("step", shards), ("two_step", shards), ("chunked", quarters)):
+        model = worker.build_model()
+        opt = SAM(
+            model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2, momentum=0.9, model=model,
+            weight_decay=0.1, weight_decay_in_ascent=True,
+        )  # fmt: skip
+
+        def closure(chunk, model=model):
+            loss = F.cross_entropy(model(chunk[0]), chunk[1])
+            loss.backward()
+            return loss
+
+        for _ in range(worker.DECAY_STEPS):
+            opt.step_chunked(closure, chunks, [1 / len(chunks)] * len(chunks))
+        for name, value in model.named_parameters():
+            for rank, result in enumerate(ranks):
+                torch.testing.assert_close(
+                    result[form][name], value.detach(), rtol=1e-10, atol=1e-12, msg=f"{form} rank {rank}: {name}"
+                )
+
+
 def test_one_gradient_all_reduce_per_step_also_with_m_sharpness_chunks(ddp_results):
     # The tiny model's gradients fit in one DDP bucket: one all-reduce per step whatever the chunk
     # count (each chunk's perturbed pass used to all-reduce: four per step here), and none besides.

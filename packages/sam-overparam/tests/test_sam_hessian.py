@@ -112,6 +112,35 @@ def test_moment_nonuniformity(setup):
     assert results[0].trace_ratio >= 1.0
 
 
+def test_moment_traces_take_ceil_half_products_per_probe_and_batch(setup, monkeypatch):
+    # Lanczos (k products per step) is left out: only the traces' products are counted.
+    op, per_batch, full = setup
+    monkeypatch.setattr(hs, "top_eigenvalue_lanczos", lambda *args, **kwargs: (0.0,))
+    calls = {"n": 0}
+    plain = op.batch_matvec
+
+    def counted(index, vector):
+        calls["n"] += 1
+        return plain(index, vector)
+
+    monkeypatch.setattr(op, "batch_matvec", counted)
+    probes, batches = 5, len(per_batch)
+    results = hs.moment_nonuniformity(op, (2, 3, 4), num_probes=probes, seed=3)
+    # ceil(4 / 2) = 2 products per probe with each H_B (expected moments) and 2 full products
+    # (one per batch each); k per power and per side before: 2 * 5 * 3 * (2 + 3 + 4) = 270
+    assert calls["n"] == 2 * probes * batches * 2
+    # the same Rademacher probes against dense float64 Hessians (torch.func.hessian)
+    zs = torch.stack(hs._probes(op.dim, probes, 3, torch.float64, torch.device("cpu")))
+    for result in results:
+        k = result.power
+        expected = sum(torch.linalg.matrix_power(h, k) for h in per_batch) / batches
+        full_k = torch.linalg.matrix_power(full, k)
+        assert result.trace_expected == pytest.approx(
+            float(torch.einsum("pi,ij,pj->", zs, expected, zs)) / probes, rel=1e-9
+        )
+        assert result.trace_full == pytest.approx(float(torch.einsum("pi,ij,pj->", zs, full_k, zs)) / probes, rel=1e-9)
+
+
 def test_spectral_density_quadrature(setup):
     op, _, full = setup
     density = hs.spectral_density(op.matvec, op.dim, num_probes=3, steps=op.dim, seed=5, dtype=torch.float64)

@@ -58,6 +58,7 @@ __all__ = [
     "lanczos",
     "linear_stability",
     "moment_nonuniformity",
+    "moment_traces",
     "power_iteration",
     "spectral_density",
     "stability_report",
@@ -429,6 +430,46 @@ def trace_of_powers(
     return {k: _trace_estimate(torch.stack(values), exact=num_probes is None) for k, values in samples.items()}
 
 
+def moment_traces(
+    operator: HessianOperator, powers: Sequence[int] = (2, 3, 4), *, num_probes: int | None = 50, seed: int = 0
+) -> tuple[dict[int, TraceEstimate], dict[int, TraceEstimate]]:
+    """``tr(E_B[H_B^k])`` and ``tr(H^k)`` for each ``k``, the same probes for both and for every ``k``.
+
+    The chain of :func:`trace_of_powers` applied to each batch Hessian as well as to ``H``: a probe
+    costs ``ceil(max k / 2)`` products with each ``H_B`` for the expected moments and as many
+    full-data products (one ``H_B`` product per batch each) for ``H^k``, whatever the powers.
+    """
+    if any(k < 1 for k in powers):
+        raise ValueError(f"powers must be >= 1, got {', '.join(str(k) for k in powers if k < 1)}")
+    if num_probes is not None and num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1 or None, got {num_probes}")
+    depth = max((k + 1) // 2 for k in powers) if powers else 0
+
+    def chain(matvec: Matvec, z: torch.Tensor) -> list[torch.Tensor]:
+        vectors = [z]
+        for _ in range(depth):
+            vectors.append(matvec(vectors[-1]))
+        return vectors
+
+    def quadratic_form(vectors: list[torch.Tensor], k: int) -> torch.Tensor:
+        # z^T A^k z for symmetric A from u_j = A^j z
+        return torch.dot(vectors[k // 2], vectors[k - k // 2])
+
+    expected: dict[int, list[torch.Tensor]] = {k: [] for k in powers}
+    full: dict[int, list[torch.Tensor]] = {k: [] for k in powers}
+    for z in _probes(operator.dim, num_probes, seed, operator.dtype, operator.device):
+        per_batch = [chain(lambda v, i=i: operator.batch_matvec(i, v), z) for i in range(len(operator.batches))]
+        whole = chain(operator.matvec, z)
+        for k in powers:
+            expected[k].append(sum(w * quadratic_form(c, k) for w, c in zip(operator.weights, per_batch, strict=True)))
+            full[k].append(quadratic_form(whole, k))
+    exact = num_probes is None
+    return (
+        {k: _trace_estimate(torch.stack(v), exact=exact) for k, v in expected.items()},
+        {k: _trace_estimate(torch.stack(v), exact=exact) for k, v in full.items()},
+    )
+
+
 @dataclass(kw_only=True)
 class MomentNonUniformity:
     """For one power ``k``: ``E_B[H_B^k]`` against ``H^k`` (Shin et al., Sec. 5 and their Fig. 6)."""
@@ -459,21 +500,22 @@ def moment_nonuniformity(
     """How far the per-batch moments ``E_B[H_B^k]`` exceed the full-batch ``H^k``.
 
     Ratios near 1 mean uniform curvature across batches; the paper reports that SAM's minima are
-    more uniform than SGD's. Traces by Hutchinson (exact with ``num_probes=None``), top
-    eigenvalues by Lanczos.
+    more uniform than SGD's. Traces by Hutchinson (exact with ``num_probes=None``) through
+    :func:`moment_traces` (``ceil(max k / 2)`` products per probe and batch for all powers; ``k``
+    per power before), top eigenvalues by Lanczos (``k`` products per Lanczos step).
     """
+    if any(k < 1 for k in powers):
+        raise ValueError(f"powers must be >= 1, got {', '.join(str(k) for k in powers if k < 1)}")
+    traces_expected, traces_full = moment_traces(operator, powers, num_probes=num_probes, seed=seed)
     results = []
     for k in powers:
-        if k < 1:
-            raise ValueError(f"powers must be >= 1, got {k}")
         expected = lambda v, k=k: operator.expected_matvec(v, k)  # noqa: E731
         full = lambda v, k=k: operator.power_matvec(v, k)  # noqa: E731
-        kw = dict(num_probes=num_probes, seed=seed, dtype=operator.dtype, device=operator.device)
         results.append(
             MomentNonUniformity(
                 power=k,
-                trace_expected=hutchinson_trace(expected, operator.dim, **kw).value,
-                trace_full=hutchinson_trace(full, operator.dim, **kw).value,
+                trace_expected=traces_expected[k].value,
+                trace_full=traces_full[k].value,
                 top_expected=float(
                     top_eigenvalue_lanczos(
                         expected,

@@ -45,8 +45,8 @@ def scaled_second_half(
     sam.first_step(zero_grad=True, grad_inv_scale=inv_scale)
     with sam.perturbed_pass():
         perturbed_loss = closure()
-    # Unscale before restore(): with weight_decay_in_ascent, restore() adds wd * (w + e),
-    # which must join unscaled gradients rather than be divided by the scale.
+    # With weight_decay_in_ascent, first_step() put wd * (w + e) * scale into the gradients before
+    # the perturbed backward, so unscale_ gives the decay term at its own size.
     scaler.unscale_(sam.base_optimizer)
     sam.restore()
     sam._descent_gradient_ready()

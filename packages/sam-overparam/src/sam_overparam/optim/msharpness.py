@@ -62,7 +62,8 @@ def chunked_step(
             # model all-reduces once per step: .grad = total / weight + g_last, times weight below.
             with torch.no_grad():
                 for p, summed in total.items():
-                    p.grad = summed.div_(weight)
+                    # onto the decay term first_step() may have put there (weight_decay_in_ascent)
+                    p.grad = summed.div_(weight) if p.grad is None else p.grad.add_(summed.div_(weight))
         sync = contextlib.nullcontext() if index == last else local_gradients(sam.model)
         with sam.perturbed_pass(), sync:
             closure(chunk)

@@ -178,7 +178,24 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
+            self._seed_ascent_decay(1.0 / grad_inv_scale)
         return float(grad_norm)
+
+    @torch.no_grad()
+    def _seed_ascent_decay(self, scale: float) -> None:
+        """With ``weight_decay_in_ascent``, start the perturbed gradient at ``wd * (w + e)`` (times
+        the GradScaler's scale, as the backward's gradients are scaled), the decay term of the loss
+        at the perturbed point. The perturbed backward accumulates onto it, so under DDP it is
+        averaged with the rest: each rank has its own ``e``, and a term added after the all-reduce
+        would leave the ranks with different weights."""
+        for group in self.param_groups:
+            wd = group["sam_weight_decay"]
+            if not (group["weight_decay_in_ascent"] and wd):
+                continue
+            for p in group["params"]:
+                if "unperturbed" in self.state[p]:
+                    p.grad = p.detach().mul(wd * scale)
+                    self.state[p]["ascent_decay_seeded"] = True
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -186,8 +203,10 @@ class SAM(torch.optim.Optimizer):
         if not self._perturbed:
             raise RuntimeError("second_step()/restore() called without a preceding first_step()")
         for group, p in self._params():
-            if group["weight_decay_in_ascent"] and group["sam_weight_decay"]:
-                # the loss term wd/2 ||w||^2 differentiated at the perturbed point
+            seeded = self.state[p].pop("ascent_decay_seeded", False)
+            if group["weight_decay_in_ascent"] and group["sam_weight_decay"] and not seeded:
+                # the loss term wd/2 ||w||^2 differentiated at the perturbed point; only reached when
+                # first_step() left the gradients to the caller (zero_grad=False), see _seed_ascent_decay
                 p.grad.add_(p.detach(), alpha=group["sam_weight_decay"])
         self._copy_back_unperturbed()
 
@@ -195,6 +214,7 @@ class SAM(torch.optim.Optimizer):
     def _copy_back_unperturbed(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
+                self.state[p].pop("ascent_decay_seeded", None)
                 saved = self.state[p].pop("unperturbed", None)
                 if saved is not None:
                     p.copy_(saved)
@@ -291,6 +311,9 @@ class SAM(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- state
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:  # a seeded decay term is gone with the gradients: restore() adds it
+            for p in group["params"]:
+                self.state[p].pop("ascent_decay_seeded", None)
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict; its param groups carry SAM's settings too."""
