@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from rp_models import make_model
 
 from recon_prune.calibration import (
     CalibrationData,
@@ -66,15 +65,114 @@ def test_mixture_parsing_errors() -> None:
         build_calibration("self:4", tokenizer=None, nsamples=4, seq_len=8, model=object())
 
 
-def test_self_generated_calibration_shape_and_prefix() -> None:
-    model = make_model("llama")
-    ids = generate_self_calibration(model, None, 3, 12, seed=0)
-    assert ids.shape == (3, 12) and ids.dtype == torch.long
-    assert torch.equal(ids, generate_self_calibration(model, None, 3, 12, seed=0))
+def _byte_llama(context: int = 64) -> torch.nn.Module:
+    """A tiny Llama over the byte vocabulary plus EOS (id 256), built from a config."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        eos_token_id=256,
+        pad_token_id=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _force_eos_from_length(model: torch.nn.Module, length: int) -> None:
+    """Make EOS overwhelmingly likely as the next token once a sequence holds ``length`` tokens."""
+
+    def hook(module, args, kwargs, output):
+        positions = kwargs.get("position_ids")  # generate with a cache feeds one token at its position
+        seen = int(positions[0, -1]) + 1 if positions is not None else kwargs["input_ids"].shape[1]
+        if seen >= length:
+            output.logits[:, -1, 256] = 1e4
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
+def _is_window_of(window: list[int], text: list[int]) -> int | None:
+    for start in range(len(text) - len(window) + 1):
+        if text[start : start + len(window)] == window:
+            return start
+    return None
+
+
+def test_self_generated_windows_are_random_cuts_of_longer_generated_texts() -> None:
+    model = _byte_llama()
+    out = generate_self_calibration(model, byte_tokenizer(), 4, 12, seed=0, max_length=40, language_filter="none")
+    assert out.ids.shape == (4, 12) and out.ids.dtype == torch.long and len(out.texts) == 4
+    starts = [_is_window_of(row, text) for row, text in zip(out.ids.tolist(), out.texts, strict=True)]
+    assert None not in starts  # every window is a slice of the text it was cut from
+    assert all(len(text) > 12 for text in out.texts)  # texts run past the calibration length (EOS aside)
+    assert any(start > 0 for start in starts)  # not always the prefix
+    assert out.recipe["max_length"] == 40 and out.recipe["max_length_used"] == 40
+    again = generate_self_calibration(model, byte_tokenizer(), 4, 12, seed=0, max_length=40, language_filter="none")
+    assert torch.equal(out.ids, again.ids)
+    capped = generate_self_calibration(model, byte_tokenizer(), 1, 12, seed=0, language_filter="none")
+    assert capped.recipe["max_length"] == 2048 and capped.recipe["max_length_used"] == 64  # the model's context
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         generate_self_calibration(model, None, 1, 65)
-    data = build_calibration("stdlib:2,self:2", tokenizer=None, nsamples=4, seq_len=12, model=model)
+
+
+def test_self_generated_texts_may_end_with_eos_and_short_ones_are_dropped() -> None:
+    model = _byte_llama()
+    _force_eos_from_length(model, 20)  # token 21 of every text is EOS
+    out = generate_self_calibration(model, byte_tokenizer(), 3, 12, seed=0, max_length=40, language_filter="none")
+    assert out.ids.shape == (3, 12)
+    assert all(len(text) == 21 and text[-1] == 256 for text in out.texts)  # EOS ends the text, not suppressed
+    assert all(_is_window_of(row, text) is not None for row, text in zip(out.ids.tolist(), out.texts, strict=True))
+    assert out.recipe["ended_with_eos"] == out.recipe["generated"] >= 3 and out.recipe["eos_allowed"] is True
+
+    early = _byte_llama()
+    _force_eos_from_length(early, 8)  # every text has 9 tokens, shorter than the calibration length 12
+    none_kept = generate_self_calibration(
+        early, byte_tokenizer(), 2, 12, seed=0, max_length=40, language_filter="none", max_generated=5
+    )
+    assert none_kept.ids.shape == (0, 12) and none_kept.texts == []
+    recipe = none_kept.recipe
+    assert (recipe["generated"], recipe["dropped_short"], recipe["kept"], recipe["requested"]) == (5, 5, 0, 2)
+
+
+def test_self_generated_prefix_filter_is_applied_and_recorded() -> None:
+    model = _byte_llama()
+    tok = byte_tokenizer()
+    verdicts: list[tuple[str, bool]] = []
+
+    def detector(prefix: str) -> bool:  # a fake detector: accepts every other prefix it is shown
+        verdicts.append((prefix, len(verdicts) % 2 == 0))
+        return verdicts[-1][1]
+
+    out = generate_self_calibration(model, tok, 3, 12, seed=0, max_length=24, keep_prefix=detector)
+    assert len(out.texts) == 3
+    accepted = [prefix for prefix, verdict in verdicts if verdict]
+    assert all(tok.decode(text[:5]) in accepted for text in out.texts)  # only accepted prefixes were continued
+    recipe = out.recipe
+    assert recipe["language_filter"] == "custom" and recipe["prefixes_drawn"] == len(verdicts)
+    assert recipe["prefixes_rejected"] == len(verdicts) - len(accepted) > 0
+    with pytest.raises(ValueError, match="language_filter must be one of"):
+        generate_self_calibration(model, tok, 1, 12, language_filter="french")
+
+
+def test_self_generated_recipe_without_langdetect_names_the_fallback(monkeypatch, caplog) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "langdetect", None)  # as if the extra were not installed
+    model = _byte_llama()
+    with caplog.at_level("WARNING", logger="recon_prune.calibration"):
+        data = build_calibration("stdlib:2,self:2", tokenizer=byte_tokenizer(), nsamples=4, seq_len=12, model=model)
+    assert "printable-letter fallback" in caplog.text
     assert data.num_real == 2 and data.generated_ids.shape == (2, 12)
+    recipe = data.describe()["sources"][-1]["recipe"]
+    assert recipe["language_filter"] == "printable-letter" and recipe["kept"] == 2 and recipe["max_length_used"] == 64
+    with pytest.raises(Exception, match=r"recon-prune\[langdetect\]"):
+        generate_self_calibration(model, byte_tokenizer(), 1, 12, language_filter="langdetect")
 
 
 def test_calibration_data_validation() -> None:

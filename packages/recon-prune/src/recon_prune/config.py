@@ -324,7 +324,7 @@ class GenerateConfig:
 
     Attributes:
         count: number of sequences. (Default: 16)
-        seq_len: tokens per sequence, at least 6 (each starts from a 5-token prefix). (Default: 256)
+        seq_len: tokens per sequence, at least 6 (longer than the 5-token greedy prefix). (Default: 256)
         seed: seeds the sampling. (Default: 0)
     """
 

@@ -46,7 +46,10 @@ def demo_runs(
     runs = [(m, r, r, calibration) for m in DEMO_METHODS for r in DEMO_RECONSTRUCTIONS]
     if self_generated:
         generated = generate_self_calibration(model, tokenizer, self_generated, calibration.seq_len, seed=0)
-        mixed = CalibrationData(input_ids=calibration.input_ids, generated_ids=generated, sources=calibration.sources)
+        self_source = {"source": "self", "count": generated.recipe["kept"], "recipe": generated.recipe}
+        mixed = CalibrationData(
+            input_ids=calibration.input_ids, generated_ids=generated.ids, sources=[*calibration.sources, self_source]
+        )
         runs.append(("sparsegpt", "br+gp+cr", f"br+gp+cr +{self_generated} self-gen", mixed))
     rows: list[dict[str, Any]] = []
     errors: dict[str, list[float | None]] = {}
@@ -75,6 +78,8 @@ def demo_runs(
                 "seconds": time.perf_counter() - t0,
             }
         )
+        if calib is not calibration:  # the self-generated run: how its extra text was made and filtered
+            rows[-1]["self_generated_recipe"] = generated.recipe
         errors[f"{method} {label}"] = report.block_errors
         print(f"{method:9s} {label:9s} ppl {ppl['perplexity']:8.3f}  final-block error {report.final_block_error:.4g}")
     add_error_reductions(rows)

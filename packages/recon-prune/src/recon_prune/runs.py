@@ -297,8 +297,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from recon_prune.calibration import decode, generate_self_calibration
 
     model, tokenizer = load_model(args.model)
-    ids = generate_self_calibration(model, tokenizer, config.count, config.seq_len, seed=config.seed)
-    lines = [json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n" for row in ids.tolist()]
+    generated = generate_self_calibration(model, tokenizer, config.count, config.seq_len, seed=config.seed)
+    lines = [json.dumps({"text": decode(tokenizer, row), "token_ids": row}) + "\n" for row in generated.ids.tolist()]
     write_text_atomic(args.output, "".join(lines))
-    print(f"wrote {config.count} self-generated sequences of {config.seq_len} tokens to {args.output}")
+    recipe = generated.recipe
+    print(
+        f"wrote {recipe['kept']} self-generated sequences of {config.seq_len} tokens to {args.output} "
+        f"({recipe['generated']} texts sampled up to {recipe['max_length_used']} tokens, "
+        f"{recipe['prefixes_rejected']} prefixes rejected by the {recipe['language_filter']} filter, "
+        f"{recipe['dropped_short']} texts shorter than {config.seq_len} tokens dropped)"
+    )
     return 0
