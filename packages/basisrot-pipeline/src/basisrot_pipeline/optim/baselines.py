@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+from basisrot_pipeline.optim.state_dtypes import KeepsStateDtypes
+
+
+class NAdam(KeepsStateDtypes, torch.optim.NAdam):
+    """``torch.optim.NAdam`` whose float32 ``mu_product`` stays float32 when loaded for half-precision weights."""
+
 
 def adamw(params: Iterable[Any], *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -22,7 +28,7 @@ def adamw(params: Iterable[Any], *, lr: float, betas: tuple[float, float], eps: 
 
 def nesterov(params: Iterable[Any], *, lr: float, eps: float, weight_decay: float, momentum: float = 0.99):
     """NAdam with ``momentum`` as its first beta and decoupled weight decay."""
-    return torch.optim.NAdam(
+    return NAdam(
         params, lr=lr, betas=(momentum, 0.999), eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True
     )
 

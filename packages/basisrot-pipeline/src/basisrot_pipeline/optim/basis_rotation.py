@@ -11,9 +11,10 @@ is the ("second", "bi") configuration here. For a weight ``W`` (m x n) with grad
   symmetric eigendecomposition on cold start (eigenvalues descending, retried in float64 if the
   float32 one fails); on warm start one power-iteration step ``Q = qr(L Q_sorted)`` after sorting
   the estimated eigenvalues ``diag(Q^T L Q)`` in descending order and permuting the second moment
-  ``V`` (which lives in the rotated coordinates) to match (SOAP, Algorithm 4); the null space of a
-  rank-deficient statistic, which ``eigh`` and QR fill from round-off, is completed deterministically
-  (:func:`complete_null_space`; a departure from SOAP and the authors, documented in docs);
+  ``V`` (which lives in the rotated coordinates) to match (SOAP, Algorithm 4). With the option
+  ``null_space="deterministic"`` the null space of a rank-deficient statistic, which ``eigh`` and QR
+  fill from round-off, is completed deterministically instead (:func:`cold_basis`, :func:`warm_basis`;
+  a departure from SOAP and the authors, documented in docs); the default ``"eigh"`` keeps theirs;
 * ``M = b1 M + (1-b1) G`` in original coordinates; ``G~ = Q_L^T G Q_R``, ``M~ = Q_L^T M Q_R``;
   ``V = b2 V + (1-b2) G~^2``; ``W -= lr sqrt(bc2) / bc1 * Q_L [ M~ / (sqrt(V) + eps) ] Q_R^T``, with
   Adam's bias corrections ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` folded into the step size as in SOAP
@@ -34,6 +35,8 @@ from typing import Any
 
 import torch
 
+from basisrot_pipeline.optim.state_dtypes import KeepsStateDtypes
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("second", "first")
@@ -51,6 +54,9 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 GEOMETRIES = ("bi", "uni")
+# "eigh": the null space of a rank-deficient statistic is whatever eigh/QR return (SOAP, the authors);
+# "deterministic": it is completed from the coordinate axes / the previous basis (cold_basis, warm_basis)
+NULL_SPACES = ("eigh", "deterministic")
 
 
 def _check_group_options(group: dict[str, Any]) -> None:
@@ -71,6 +77,8 @@ def _check_group_options(group: dict[str, Any]) -> None:
         raise ValueError(f"source must be one of {SOURCES}, got {group['source']!r}")
     if group["geometry"] not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {GEOMETRIES}, got {group['geometry']!r}")
+    if group["null_space"] not in NULL_SPACES:
+        raise ValueError(f"null_space must be one of {NULL_SPACES}, got {group['null_space']!r}")
     if isinstance(group["max_precond_dim"], bool) or group["max_precond_dim"] < 0:
         raise ValueError(f"max_precond_dim must be a non-negative int, got {group['max_precond_dim']!r}")
 
@@ -101,8 +109,8 @@ def complete_null_space(kept: torch.Tensor, reference: torch.Tensor) -> torch.Te
     return u @ vh
 
 
-def cold_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`eigenbasis` and the mask of its columns that span the statistic's null space."""
+def _eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(symmetrised matrix, eigenvalues, eigenvectors)``, descending; float64 retry if float32 fails."""
     sym = 0.5 * (matrix + matrix.T)
     try:
         values, vectors = torch.linalg.eigh(sym)
@@ -110,7 +118,18 @@ def cold_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logger.debug("eigh failed in %s, retrying in float64", sym.dtype)
         values, vectors = torch.linalg.eigh(sym.double())
         values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
-    values, vectors = values.flip(-1), vectors.flip(-1)
+    return sym, values.flip(-1), vectors.flip(-1)
+
+
+def cold_basis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic cold start: :func:`eigenbasis` with its null space completed, and the null mask.
+
+    The eigenvectors of eigenvalues at the round-off level (the null space of a rank-deficient
+    statistic) are replaced by :func:`complete_null_space` of the coordinate axes, so the basis does
+    not depend on round-off (option ``null_space="deterministic"``; a departure from SOAP and the
+    authors' code, which keep whatever ``eigh`` returns there; see docs).
+    """
+    sym, values, vectors = _eigh_descending(matrix)
     null = values <= null_tolerance(sym.shape[0], values[0], sym.dtype)
     if not bool(null.any()):
         return vectors, null  # full rank: eigh's basis, as SOAP and the authors' code
@@ -127,12 +146,9 @@ def eigenbasis(matrix: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of a symmetric PSD matrix, columns ordered by descending eigenvalue.
 
     The float32 decomposition can fail to converge on ill-conditioned statistics; it is then
-    repeated in float64 and cast back. The eigenvectors of eigenvalues at the round-off level (the
-    null space of a rank-deficient statistic) are replaced by :func:`complete_null_space` of the
-    coordinate axes, so the basis does not depend on round-off (a departure from SOAP and the
-    authors' code, which keep whatever ``eigh`` returns there; see docs).
+    repeated in float64 and cast back. SOAP's and the authors' cold start (option ``null_space="eigh"``).
     """
-    return cold_basis(matrix)[0]
+    return _eigh_descending(matrix)[2]
 
 
 def power_iteration_refresh(
@@ -140,27 +156,35 @@ def power_iteration_refresh(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One warm-start step: sort by estimated eigenvalue, permute ``V`` along ``dim``, then QR.
 
-    Returns the new basis and the permuted second moment (SOAP, Algorithm 4); see :func:`warm_basis`.
+    Returns the new basis and the permuted second moment (SOAP, Algorithm 4), the arithmetic of the
+    option ``null_space="eigh"``. Runs in the statistic's dtype, float32 for half-precision parameters
+    (see :func:`state_dtype`).
     """
-    basis, second_moment, _ = warm_basis(statistic, basis, second_moment, dim)
-    return basis, second_moment
+    basis, second_moment = _sort_by_estimated_eigenvalue(statistic, basis, second_moment, dim)
+    q, _ = torch.linalg.qr(statistic @ basis)
+    return q, second_moment
+
+
+def _sort_by_estimated_eigenvalue(
+    statistic: torch.Tensor, basis: torch.Tensor, second_moment: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    estimated = torch.diagonal(basis.T @ statistic @ basis)
+    order = torch.argsort(estimated, descending=True)
+    return basis[:, order], second_moment.index_select(dim, order)
 
 
 def warm_basis(
     statistic: torch.Tensor, basis: torch.Tensor, second_moment: torch.Tensor, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`power_iteration_refresh`, also returning the mask of the columns in the null space.
+    """The deterministic warm start: :func:`power_iteration_refresh` with its null space completed.
 
-    Runs in the statistic's dtype, float32 for half-precision parameters (see :func:`state_dtype`).
+    Also returns the mask of the columns in the null space. Runs in the statistic's dtype, float32 for half-precision parameters (see :func:`state_dtype`).
     When the statistic is rank-deficient, the QR's columns whose pivot is at the round-off level
     are any basis of the null space; they are replaced by :func:`complete_null_space` of the old
     basis's columns at the same positions, so the new basis continues the old one there instead
-    of following round-off. With full rank the arithmetic is SOAP's.
+    of following round-off (option ``null_space="deterministic"``). With full rank the arithmetic is SOAP's.
     """
-    estimated = torch.diagonal(basis.T @ statistic @ basis)
-    order = torch.argsort(estimated, descending=True)
-    basis = basis[:, order]
-    second_moment = second_moment.index_select(dim, order)
+    basis, second_moment = _sort_by_estimated_eigenvalue(statistic, basis, second_moment, dim)
     q, r = torch.linalg.qr(statistic @ basis)
     pivots = torch.diagonal(r).abs()
     null = pivots <= null_tolerance(statistic.shape[0], pivots.max(), statistic.dtype)
@@ -217,8 +241,11 @@ def first_order_refresh(
     return new_left, new_right, second_moment
 
 
-class BasisRotation(torch.optim.Optimizer):
+class BasisRotation(KeepsStateDtypes):
     """Adam in the rotated eigenbasis of each weight matrix's gradient statistics; AdamW elsewhere.
+
+    The state of half-precision parameters is float32 (:func:`state_dtype`) and stays float32 through
+    ``load_state_dict`` (:class:`KeepsStateDtypes`).
 
     Args:
         params: parameters or parameter groups. A group may override every option below, e.g.
@@ -234,6 +261,10 @@ class BasisRotation(torch.optim.Optimizer):
         geometry: "bi" (both sides) or "uni" (the smaller side only). (Default: "bi")
         shampoo_beta: EMA coefficient of the statistics for source "second". (Default: 0.999)
         max_precond_dim: sides longer than this are not rotated. (Default: 4096)
+        null_space: "eigh" (the null space of a rank-deficient statistic is whatever ``eigh``/QR return,
+            as SOAP and the authors) or "deterministic" (completed from the coordinate axes on cold
+            start and from the previous basis on warm refreshes, round-off-sized entries along it
+            dropped; source "second" only). (Default: "eigh")
         rotate: whether 2-D parameters of the group are rotated at all. (Default: True)
     """
 
@@ -250,6 +281,7 @@ class BasisRotation(torch.optim.Optimizer):
         geometry: str = "bi",
         shampoo_beta: float = 0.999,
         max_precond_dim: int = 4096,
+        null_space: str = "eigh",
         rotate: bool = True,
     ) -> None:
         defaults = dict(
@@ -262,6 +294,7 @@ class BasisRotation(torch.optim.Optimizer):
             geometry=geometry,
             shampoo_beta=shampoo_beta,
             max_precond_dim=max_precond_dim,
+            null_space=null_space,
             rotate=rotate,
         )
         _check_group_options(defaults)
@@ -307,20 +340,29 @@ class BasisRotation(torch.optim.Optimizer):
         return state
 
     @staticmethod
-    def _refresh(state: dict[str, Any], step: int, frequency: int) -> None:
+    def _refresh(state: dict[str, Any], step: int, frequency: int, null_space: str) -> None:
+        deterministic = null_space == "deterministic"
         for side, dim in (("left", 0), ("right", 1)):
             statistic = state[f"stat_{side}"]
             if statistic is None:
                 continue
             basis = state[f"basis_{side}"]
+            if basis is not None and step % frequency != 0:
+                continue
+            if not deterministic:  # SOAP's and the authors' arithmetic; no null mask is kept
+                if basis is None:
+                    state[f"basis_{side}"] = eigenbasis(statistic)
+                else:
+                    state[f"basis_{side}"], state["exp_avg_sq"] = power_iteration_refresh(
+                        statistic, basis, state["exp_avg_sq"], dim
+                    )
+                continue
             if basis is None:
                 state[f"basis_{side}"], null = cold_basis(statistic)
-            elif step % frequency == 0:
+            else:
                 state[f"basis_{side}"], state["exp_avg_sq"], null = warm_basis(
                     statistic, basis, state["exp_avg_sq"], dim
                 )
-            else:
-                continue
             # kept only while the statistic is rank-deficient (None once it has full rank)
             state[f"null_{side}"] = null if bool(null.any()) else None
 
@@ -395,7 +437,7 @@ class BasisRotation(torch.optim.Optimizer):
                             continue
                         product = grad @ grad.T if side == "left" else grad.T @ grad
                         statistic.lerp_(product, 1.0 - group["shampoo_beta"])
-                    self._refresh(state, step, frequency)
+                    self._refresh(state, step, frequency, group["null_space"])
                 if rotated:
                     grad = self._drop_round_off(self._rotate(grad, state), state)
                     moment = self._drop_round_off(self._rotate(exp_avg, state), state)

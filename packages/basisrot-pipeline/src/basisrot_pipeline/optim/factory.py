@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from basisrot_pipeline.optim.baselines import adamw, nesterov, pipedream_lr_factor
-from basisrot_pipeline.optim.basis_rotation import GEOMETRIES, SOURCES, BasisRotation
+from basisrot_pipeline.optim.basis_rotation import GEOMETRIES, NULL_SPACES, SOURCES, BasisRotation
 from basisrot_pipeline.optim.param_groups import rotation_param_groups
 from shin_common import Registry
 
@@ -36,6 +36,8 @@ class OptimConfig:
     source: str = "second"
     geometry: str = "bi"
     max_precond_dim: int = 4096
+    # "eigh": SOAP's and the authors' null space; "deterministic": completed without round-off (see docs)
+    null_space: str = "eigh"
     nesterov_momentum: float = 0.99
     lr_rescale_span: int = 100
 
@@ -52,6 +54,8 @@ class OptimConfig:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.null_space not in NULL_SPACES:
+            raise ValueError(f"null_space must be one of {NULL_SPACES}, got {self.null_space!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -123,6 +127,7 @@ def build_basis_rotation(
         source=config.source,
         geometry=config.geometry,
         max_precond_dim=config.max_precond_dim,
+        null_space=config.null_space,
     )
     return BasisRotation(
         groups,
@@ -134,6 +139,7 @@ def build_basis_rotation(
         source=config.source,
         geometry=config.geometry,
         max_precond_dim=config.max_precond_dim,
+        null_space=config.null_space,
     )
 
 
