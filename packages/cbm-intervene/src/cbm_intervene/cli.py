@@ -29,6 +29,7 @@ from cbm_intervene.intervention import (
     NOT_VISIBLE,
     ORDERINGS,
     REPLACEMENT_SOURCES,
+    REPLACEMENTS,
     available_criteria,
 )
 from cbm_intervene.metrics import METRICS
@@ -96,6 +97,13 @@ def _add_intervene_flags(p: argparse.ArgumentParser) -> None:
         help="logit percentiles from (default: train)",
     )
     p.add_argument(
+        "--replacement",
+        type=str.lower,
+        choices=REPLACEMENTS,
+        help="revealed logits: percentile (the authors' 5th/95th) or sign_median (median on each side of 0; "
+        "default: percentile)",
+    )
+    p.add_argument(
         "--metric",
         type=str.lower,
         choices=METRICS,
@@ -123,6 +131,7 @@ INTERVENE_FLAGS = (
     "n_samples",
     "not_visible",
     "replacement_source",
+    "replacement",
     "metric",
     "max_steps",
     "seeds",

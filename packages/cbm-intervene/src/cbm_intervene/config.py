@@ -86,6 +86,7 @@ class InterveneRunConfig:
     n_samples: int = 16
     not_visible: str = "keep"
     replacement_source: str = "train"
+    replacement: str = "percentile"
     metric: str | None = None
     max_steps: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -123,7 +124,14 @@ class InterveneRunConfig:
         self.budgets = [float(b) for b in self.budgets]
         # every choice (ordering, group score, ...) checked and normalised as the engine will see it
         settings = self.intervention(self.metric or "error")
-        for name in ("ordering", "group_score", "conceptualization", "not_visible", "replacement_source"):
+        for name in (
+            "ordering",
+            "group_score",
+            "conceptualization",
+            "not_visible",
+            "replacement_source",
+            "replacement",
+        ):
             setattr(self, name, getattr(settings, name))
         if self.metric is not None:
             self.metric = settings.metric
@@ -139,6 +147,7 @@ class InterveneRunConfig:
             n_samples=self.n_samples,
             not_visible=self.not_visible,
             replacement_source=self.replacement_source,
+            replacement=self.replacement,
             metric=metric,
             max_steps=self.max_steps,
             costs=CostModel(concept=self.tau_i, group=self.tau_g, forward_pass=self.tau_f),

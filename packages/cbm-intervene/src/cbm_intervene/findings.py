@@ -49,9 +49,12 @@ class FindingsConfig:
     lr_step: int = 75
     orderings: list[str] = field(default_factory=lambda: ["static", "adaptive"])
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
+    #: replacement values of revealed logits (engine ``replacement``): the authors' "percentile", and
+    #: "sign_median" for finding D
+    replacements: list[str] = field(default_factory=lambda: ["percentile"])
 
     #: keys that only choose which units to run (a store may hold units of several such choices)
-    UNIT_CHOICES = ("seeds", "orderings", "levels")
+    UNIT_CHOICES = ("seeds", "orderings", "levels", "replacements")
 
     def data(self, seed: int) -> Any:
         from cbm_intervene.data.synthetic import SyntheticConfig
@@ -103,31 +106,40 @@ def run(config: FindingsConfig, out: Path, budget_seconds: float) -> bool:
     store = JsonlStore(out / "curves.jsonl")
     # static units of every seed first (findings A, B, C), then adaptive ones (F): a short budget
     # finishes the cheap comparisons before the costly re-scoring
-    for ordering in config.orderings:
-        for seed in config.seeds:
-            for level in [lv for lv in config.levels if ordering == "static" or lv in ADAPTIVE_LEVELS]:
-                for criterion in CRITERIA:
-                    if ordering == "adaptive" and criterion == "RAND":
-                        continue  # RAND's order does not depend on the state: adaptive is static
-                    key = {"seed": seed, "ordering": ordering, "level": level, "criterion": criterion}
-                    if store.is_complete(key):
-                        continue
-                    if time.perf_counter() - start > budget_seconds:
-                        return False
-                    predictions, target = _model(config, seed, out)
-                    settings = InterventionConfig(
-                        criterion=criterion,
-                        level=level,
-                        ordering=ordering,
-                        costs=CostModel(concept=1.0, group=1.0, forward_pass=0.0),
-                        allow_oracle=True,
-                        seed=seed,
-                        # re-scoring costs K passes of f per step: adaptive runs stop at the last budget
-                        max_steps=None if ordering == "static" else max(BUDGETS),
-                    )
-                    curve = run_intervention(predictions, target, settings)
-                    store.append(key, {"curve": curve.to_dict()})
-                    log.info("%s: error %.3f -> %.3f", key, curve.error[0], curve.error[-1])
+    units = [
+        (ordering, seed, level, criterion, replacement)
+        for ordering in config.orderings
+        for replacement in config.replacements
+        for seed in config.seeds
+        for level in config.levels
+        for criterion in CRITERIA
+        if ordering == "static" or level in ADAPTIVE_LEVELS
+    ]
+    for ordering, seed, level, criterion, replacement in units:
+        if ordering == "adaptive" and criterion == "RAND":
+            continue  # RAND's order does not depend on the state: adaptive is static
+        key = {"seed": seed, "ordering": ordering, "level": level, "criterion": criterion}
+        if replacement != "percentile":  # the authors' default is left out of the key
+            key["replacement"] = replacement
+        if store.is_complete(key):
+            continue
+        if time.perf_counter() - start > budget_seconds:
+            return False
+        predictions, target = _model(config, seed, out)
+        settings = InterventionConfig(
+            criterion=criterion,
+            level=level,
+            ordering=ordering,
+            costs=CostModel(concept=1.0, group=1.0, forward_pass=0.0),
+            allow_oracle=True,
+            replacement=replacement,
+            seed=seed,
+            # re-scoring costs K passes of f per step: adaptive runs stop at the last budget
+            max_steps=None if ordering == "static" else max(BUDGETS),
+        )
+        curve = run_intervention(predictions, target, settings)
+        store.append(key, {"curve": curve.to_dict()})
+        log.info("%s: error %.3f -> %.3f", key, curve.error[0], curve.error[-1])
     return True
 
 
@@ -138,7 +150,9 @@ def _curves(out: Path) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for record in JsonlStore(out / "curves.jsonl").records():
         key = record["config"]
-        grouped.setdefault((key["ordering"], key["level"], key["criterion"]), []).append(record["curve"])
+        replacement = key.get("replacement", "percentile")
+        name = key["criterion"] if replacement == "percentile" else f"{key['criterion']} [{replacement}]"
+        grouped.setdefault((key["ordering"], key["level"], name), []).append(record["curve"])
     return grouped
 
 
@@ -253,6 +267,125 @@ def report_strategy(out: Path, figures: Path, strategy: str, prefix: str = "cbm-
     lines += ["", *first_picks(out, top=10)]
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "report.md", text)
+    return text
+
+
+D_CRITERIA = ("RAND", "UCP", "CCTP", "ECTP", "EUDTP")
+E_CRITERIA = ("RAND", "UCP", "ECTP")
+E_POLICIES = ("keep", "nullify", "skip")
+
+
+def hide_concepts(predictions: Any, rate: float, seed: int) -> Any:
+    """``predictions`` with each (sample, concept) marked not visible with probability ``rate``, drawn
+    with ``seed``: synthetic data has no not-visible concepts, so finding E makes some at a known rate."""
+    import dataclasses
+
+    import torch
+
+    # a NumPy stream apart from torch's: RAND draws its order from torch.Generator(seed), and hiding
+    # with the same uniforms would make RAND ask every visible concept first
+    hidden = torch.as_tensor(np.random.default_rng((seed, 7)).random(tuple(predictions.values.shape)) < rate)
+    return dataclasses.replace(predictions, visibility=~hidden)
+
+
+def run_not_visible(models: Path, out: Path, seeds: Sequence[int], rate: float, budget_seconds: float) -> bool:
+    """Finding E (not-visible concepts): the IND models of ``models`` (a finished ``run`` store) with
+    concepts hidden at ``rate``, revealed under each not-visible policy; resumable like ``run``."""
+    import torch
+
+    from cbm_intervene.data.predictions import load_predictions
+    from cbm_intervene.intervention import InterventionConfig, run_intervention
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    store = JsonlStore(out / "curves.jsonl")
+    for seed in seeds:
+        for policy in E_POLICIES:
+            for criterion in E_CRITERIA:
+                key = {"seed": seed, "rate": rate, "not_visible": policy, "criterion": criterion}
+                if store.is_complete(key):
+                    continue
+                if time.perf_counter() - start > budget_seconds:
+                    return False
+                predictions, target = load_predictions(models / "models" / f"seed{seed}" / "predictions.pt")
+                settings = InterventionConfig(criterion=criterion, not_visible=policy, seed=seed)
+                curve = run_intervention(hide_concepts(predictions, rate, seed), target, settings)
+                store.append(key, {"curve": curve.to_dict()})
+    return True
+
+
+def report_not_visible(out: Path, figures: Path, prefix: str = "cbm-intervene") -> str:
+    """Figure and table of finding E (not-visible concepts): error by policy and criterion."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in JsonlStore(out / "curves.jsonl").records():
+        key = record["config"]
+        grouped.setdefault((key["not_visible"], key["criterion"]), []).append(record["curve"])
+    panels = [(crit, {pol: grouped.get((pol, crit), []) for pol in E_POLICIES}) for crit in E_CRITERIA]
+    _figure(
+        panels,
+        "concepts_per_sample",
+        "concepts asked per sample",
+        figures / f"{prefix}-E-not-visible.png",
+        "E: revealing not-visible concepts (IND, I+S): keep / nullify / skip",
+    )
+    lines = ["| criterion | policy | error at 0 | at 10 | at 20 | at 40 | end |", "|---|---|---|---|---|---|---|"]
+    for crit in E_CRITERIA:
+        for pol in E_POLICIES:
+            runs = grouped.get((pol, crit), [])
+            if not runs:
+                continue
+            cells = " | ".join(f"{np.mean([error_at(c, b) for c in runs]):.3f}" for b in (0, *BUDGETS))
+            end = np.mean([c["error"][-1] for c in runs])
+            lines.append(f"| {crit} | {pol} (n={len(runs)}) | {cells} | {end:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_compare(stores: dict[str, Path], figures: Path, prefix: str = "cbm-intervene") -> str:
+    """Finding D over stores (one per training strategy): I+S, static order, the practical criteria
+    with the authors' percentile replacement (top row) and, where run, the sign-median one (bottom)."""
+    grouped = {name: _curves(out) for name, out in stores.items()}
+    panels = []
+    for suffix in ("", " [sign_median]"):
+        for name, curves in grouped.items():
+            series = {c: curves.get(("static", "I+S", c + suffix), []) for c in D_CRITERIA}
+            same = suffix and all(
+                [r["error"] for r in runs] == [r["error"] for r in curves.get(("static", "I+S", c), [])]
+                for c, runs in series.items()
+            )
+            if any(series.values()) and not same:  # a probability bottleneck has no logits to replace
+                panels.append((f"{name}, {'sign median' if suffix else 'percentile'} replacement", series))
+    _figure(
+        panels,
+        "concepts_per_sample",
+        "concepts revealed per sample",
+        figures / f"{prefix}-D-strategies.png",
+        "D: training strategies, I+S, static order",
+    )
+    lines = [
+        "| strategy | replacement | criterion | error at 0 | at 10 | at 20 | at 40 | all revealed | RAND / crit. at 20 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, curves in grouped.items():
+        for suffix in ("", " [sign_median]"):
+            rand = curves.get(("static", "I+S", "RAND" + suffix), [])
+            if not rand:
+                continue
+            rand20 = np.mean([error_at(c, 20) for c in rand])
+            for criterion in D_CRITERIA:
+                runs = curves.get(("static", "I+S", criterion + suffix), [])
+                if not runs:
+                    continue
+                at = [np.mean([error_at(c, b) for c in runs]) for b in BUDGETS]
+                sd = [np.std([error_at(c, b) for c in runs]) for b in BUDGETS]
+                cells = " | ".join(f"{m:.3f} +/- {d:.3f}" for m, d in zip(at, sd, strict=True))
+                start, end = np.mean([c["error"][0] for c in runs]), np.mean([c["error"][-1] for c in runs])
+                ratio = f"{rand20 / at[1]:.2f}" if at[1] > 0 else "inf"
+                replacement = suffix.strip(" []") or "percentile"
+                lines.append(
+                    f"| {name} | {replacement} | {criterion} (n={len(runs)}) | {start:.3f} | {cells} | {end:.3f} | {ratio} |"
+                )
+    text = "\n".join(lines) + "\n"
     return text
 
 
@@ -385,11 +518,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_p.add_argument("--strategy", default="IND", help="training strategy of the CBMs (default: IND)")
     run_p.add_argument("--levels", nargs="+", default=list(LEVELS), help="levels to run (default: all)")
     run_p.add_argument("--orderings", nargs="+", default=["static", "adaptive"], help="orderings to run")
+    run_p.add_argument(
+        "--replacements",
+        nargs="+",
+        default=["percentile"],
+        help="replacement values of revealed logits to run: percentile (the authors') and/or sign_median",
+    )
     run_p.add_argument("--budget-seconds", type=float, default=float("inf"), help="stop between units after this")
+    nv = sub.add_parser("not-visible", help="finding E: hide concepts of a finished store's models (resumable)")
+    nv.add_argument("--models", required=True, help="a finished run store (its models/seed<N>/ are used)")
+    nv.add_argument("--output-dir", required=True)
+    nv.add_argument("--figures", help="also write the figure and print the table")
+    nv.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    nv.add_argument("--rate", type=float, default=0.2, help="probability a concept is not visible (default 0.2)")
+    nv.add_argument("--budget-seconds", type=float, default=float("inf"))
     rep = sub.add_parser("report", help="figures and tables from the finished units")
     rep.add_argument("--output-dir", required=True)
     rep.add_argument("--figures", required=True)
     rep.add_argument("--strategy", help="finding D: the I+S report of a store run with this --strategy")
+    rep.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=DIR",
+        help="finding D: one figure and table over stores (e.g. IND=runs/findings SEQ=runs/findings-SEQ)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.output_dir)
@@ -401,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             strategy=args.strategy.upper(),
             levels=[lv.upper() for lv in args.levels],
             orderings=[o.lower() for o in args.orderings],
+            replacements=[r.lower() for r in args.replacements],
         )
         saved = out / "config.json"
         fixed = {k: v for k, v in asdict(config).items() if k not in FindingsConfig.UNIT_CHOICES}
@@ -411,7 +564,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = run(config, out, args.budget_seconds)
         print("all units done" if done else "budget spent; run the same command again to continue")
         return 0
-    if args.strategy:
+    if args.command == "not-visible":
+        if not 0 <= args.rate < 1:
+            raise SystemExit(f"--rate {args.rate}: expected a probability in [0, 1)")
+        done = run_not_visible(Path(args.models), out, args.seeds, args.rate, args.budget_seconds)
+        if args.figures:
+            print(report_not_visible(out, Path(args.figures)))
+        print("all units done" if done else "budget spent; run the same command again to continue")
+        return 0
+    if args.compare:
+        stores = dict(item.split("=", 1) for item in args.compare)
+        print(report_compare({name: Path(path) for name, path in stores.items()}, Path(args.figures)))
+    elif args.strategy:
         print(report_strategy(out, Path(args.figures), args.strategy.upper()))
     else:
         print(report(out, Path(args.figures)))

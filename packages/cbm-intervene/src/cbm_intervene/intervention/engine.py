@@ -16,7 +16,8 @@ after each step on the partially intervened bottleneck (our extension).
 
 A revealed concept takes its *replacement value*: 0/1 for a probability bottleneck, the concept's
 5th/95th percentile predicted logit for a logit bottleneck (from the training set by default; the
-authors' code uses the evaluation set: ``replacement_source='eval'``). Conceptualization at test
+authors' code uses the evaluation set: ``replacement_source='eval'``; ``replacement='sign_median'``
+takes the median logit on each side of 0 instead, see :func:`replacement_values`). Conceptualization at test
 time: ``soft`` (as predicted), ``hard`` (probabilities thresholded at 0.5, logits at 0, mapped to
 the replacement values), ``samp`` (f averaged over Bernoulli samples of the concepts). Concepts
 marked not visible are, when revealed, ``keep``: left as predicted (the default: every command in
@@ -35,6 +36,7 @@ ones before each step), and a sample without candidates is not scored.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +63,9 @@ ORDERINGS = ("static", "adaptive")
 CONCEPTUALIZATIONS = ("soft", "hard", "samp")
 NOT_VISIBLE = ("nullify", "keep", "skip")
 REPLACEMENT_SOURCES = ("train", "eval")
+#: what a revealed concept's logit becomes: the authors' 5th/95th percentiles, or the median of the
+#: reference logits on each side of 0 (always of the right sign; see :func:`replacement_values`)
+REPLACEMENTS = ("percentile", "sign_median")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...], *, upper: bool = False) -> str:
@@ -94,6 +99,7 @@ class InterventionConfig:
     n_samples: int = 16  # Bernoulli samples for conceptualization='samp'
     not_visible: str = "keep"
     replacement_source: str = "train"
+    replacement: str = "percentile"
     percentiles: tuple[float, float] = (5.0, 95.0)
     max_steps: int | None = None
     metric: str = "error"
@@ -118,6 +124,7 @@ class InterventionConfig:
         self.conceptualization = _choice("conceptualization", self.conceptualization, CONCEPTUALIZATIONS)
         self.not_visible = _choice("not-visible policy", self.not_visible, NOT_VISIBLE)
         self.replacement_source = _choice("replacement source", self.replacement_source, REPLACEMENT_SOURCES)
+        self.replacement = _choice("replacement", self.replacement, REPLACEMENTS)
         self.metric = _choice("metric", self.metric, METRICS)
         low, high = (float(q) for q in self.percentiles)
         if not 0 <= low < high <= 100:
@@ -175,9 +182,22 @@ class InterventionCurve:
 
 
 def replacement_values(
-    predictions: ConceptPredictions, source: str = "train", percentiles: tuple[float, float] = (5.0, 95.0)
+    predictions: ConceptPredictions,
+    source: str = "train",
+    percentiles: tuple[float, float] = (5.0, 95.0),
+    method: str = "percentile",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The values meaning "absent"/"present" per concept: 0/1, or logit percentiles (Sec. 3.1)."""
+    """The values meaning "absent"/"present" per concept: 0/1, or for logits (``method``):
+
+    - ``"percentile"`` (default; Shin et al. Sec. 3.1 and the authors' code): the ``percentiles``
+      (5th/95th) of the concept's reference logits. For a concept predicted present in fewer than 5%
+      of the reference samples the "present" value is not positive, so f reads a revealed "present"
+      as absent (measured on the synthetic SEQ/JNT CBMs: docs/results/cbm-intervene.md, finding D).
+    - ``"sign_median"`` (this package's option): the median of the reference logits above 0
+      ("present") and below 0 ("absent"): a value f saw for the concept on that side, of the right
+      sign whatever the concept's frequency. A side with no reference logit falls back to the
+      magnitude of the percentile value, with the side's sign.
+    """
     k = predictions.n_concepts
     if predictions.kind == "prob":
         return torch.zeros(k), torch.ones(k)
@@ -191,6 +211,16 @@ def replacement_values(
     else:
         reference = predictions.values
     low, high = np.percentile(reference.numpy(), list(percentiles), axis=0)
+    if method == "sign_median":
+        logits = reference.numpy().astype(np.float64)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a side without logits: filled below
+            present = np.nanmedian(np.where(logits > 0, logits, np.nan), axis=0)
+            absent = np.nanmedian(np.where(logits < 0, logits, np.nan), axis=0)
+        high = np.where(np.isnan(present), np.abs(high), present)
+        low = np.where(np.isnan(absent), -np.abs(low), absent)
+    elif method != "percentile":
+        raise ValueError(f"unknown replacement {method!r}; expected one of {list(REPLACEMENTS)}")
     return torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
 
 
@@ -496,7 +526,7 @@ def run_intervention(
     target_model.eval()
     n, k = predictions.values.shape
     membership = _unit_membership(predictions, config)
-    low, high = replacement_values(predictions, config.replacement_source, config.percentiles)
+    low, high = replacement_values(predictions, config.replacement_source, config.percentiles, config.replacement)
     predictor = TargetPredictor(
         target_model, predictions.kind, config.conceptualization, low, high, config.n_samples, config.seed
     )
