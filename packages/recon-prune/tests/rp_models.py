@@ -153,10 +153,8 @@ def make_model(kind: str, *, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     raise ValueError(kind)
 
 
-def save_byte_llama(path, *, layers: int = 2):
-    """A tiny random Llama with recon-prune's byte-level tokenizer, saved as a model directory."""
-    from recon_prune.tiny_model import byte_tokenizer
-
+def byte_llama(*, layers: int = 2, context: int = 64) -> torch.nn.Module:
+    """A tiny random Llama over recon-prune's byte vocabulary plus EOS (id 256), built from a config."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=257,
@@ -165,11 +163,18 @@ def save_byte_llama(path, *, layers: int = 2):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=context,
         eos_token_id=256,
         pad_token_id=256,
         bos_token_id=None,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def save_byte_llama(path, *, layers: int = 2):
+    """:func:`byte_llama` with recon-prune's byte-level tokenizer, saved as a model directory."""
+    from recon_prune.tiny_model import byte_tokenizer
+
+    byte_llama(layers=layers).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path

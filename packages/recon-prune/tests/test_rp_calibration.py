@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from rp_models import byte_llama
 
 from recon_prune.calibration import (
     CalibrationData,
@@ -65,25 +66,6 @@ def test_mixture_parsing_errors() -> None:
         build_calibration("self:4", tokenizer=None, nsamples=4, seq_len=8, model=object())
 
 
-def _byte_llama(context: int = 64) -> torch.nn.Module:
-    """A tiny Llama over the byte vocabulary plus EOS (id 256), built from a config."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=257,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        eos_token_id=256,
-        pad_token_id=256,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def _force_eos_from_length(model: torch.nn.Module, length: int) -> None:
     """Make EOS overwhelmingly likely as the next token once a sequence holds ``length`` tokens."""
 
@@ -105,7 +87,7 @@ def _is_window_of(window: list[int], text: list[int]) -> int | None:
 
 
 def test_self_generated_windows_are_random_cuts_of_longer_generated_texts() -> None:
-    model = _byte_llama()
+    model = byte_llama()
     out = generate_self_calibration(model, byte_tokenizer(), 4, 12, seed=0, max_length=40, language_filter="none")
     assert out.ids.shape == (4, 12) and out.ids.dtype == torch.long and len(out.texts) == 4
     starts = [_is_window_of(row, text) for row, text in zip(out.ids.tolist(), out.texts, strict=True)]
@@ -122,7 +104,7 @@ def test_self_generated_windows_are_random_cuts_of_longer_generated_texts() -> N
 
 
 def test_self_generated_texts_may_end_with_eos_and_short_ones_are_dropped() -> None:
-    model = _byte_llama()
+    model = byte_llama()
     _force_eos_from_length(model, 20)  # token 21 of every text is EOS
     out = generate_self_calibration(model, byte_tokenizer(), 3, 12, seed=0, max_length=40, language_filter="none")
     assert out.ids.shape == (3, 12)
@@ -130,7 +112,7 @@ def test_self_generated_texts_may_end_with_eos_and_short_ones_are_dropped() -> N
     assert all(_is_window_of(row, text) is not None for row, text in zip(out.ids.tolist(), out.texts, strict=True))
     assert out.recipe["ended_with_eos"] == out.recipe["generated"] >= 3 and out.recipe["eos_allowed"] is True
 
-    early = _byte_llama()
+    early = byte_llama()
     _force_eos_from_length(early, 8)  # every text has 9 tokens, shorter than the calibration length 12
     none_kept = generate_self_calibration(
         early, byte_tokenizer(), 2, 12, seed=0, max_length=40, language_filter="none", max_generated=5
@@ -141,7 +123,7 @@ def test_self_generated_texts_may_end_with_eos_and_short_ones_are_dropped() -> N
 
 
 def test_self_generated_prefix_filter_is_applied_and_recorded() -> None:
-    model = _byte_llama()
+    model = byte_llama()
     tok = byte_tokenizer()
     verdicts: list[tuple[str, bool]] = []
 
@@ -164,7 +146,7 @@ def test_self_generated_recipe_without_langdetect_names_the_fallback(monkeypatch
     import sys
 
     monkeypatch.setitem(sys.modules, "langdetect", None)  # as if the extra were not installed
-    model = _byte_llama()
+    model = byte_llama()
     with caplog.at_level("WARNING", logger="recon_prune.calibration"):
         data = build_calibration("stdlib:2,self:2", tokenizer=byte_tokenizer(), nsamples=4, seq_len=12, model=model)
     assert "printable-letter fallback" in caplog.text
